@@ -1,0 +1,233 @@
+"""The `dltrain` command line.
+
+Only Typer and the standard library are imported at the top: `dltrain --help`
+and `dltrain fit --help` answer without importing torch or Lightning.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="dltrain",
+    help="Train and evaluate models from Hydra configs with PyTorch Lightning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+config_app = typer.Typer(help="Inspect the composed config.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+USAGE_ERROR = 2
+
+ConfigFile = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="Experiment YAML: group choices and values."),
+]
+Overrides = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        help="Hydra overrides: key=value, +key=value, group=option.", show_default=False
+    ),
+]
+JsonFlag = Annotated[
+    bool, typer.Option("--json", help="Print only the report JSON on stdout.")
+]
+
+
+class State:
+    debug = False
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dltrain {metadata.version('dltrain')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library logs.")] = False,
+) -> None:
+    State.debug = debug
+
+
+def _errors_to_exit_codes(command):
+    """A user's mistake prints one line and exits 2; a crash exits 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from dltrain.data.readers import DataError
+        from dltrain.trainers.errors import ConfigError
+
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except (ConfigError, DataError) as err:
+            if State.debug:
+                raise
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(USAGE_ERROR) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as err:
+            from dltrain.trainers.launch import WorkersFailed
+
+            if State.debug:
+                raise
+            code = err.exitcode if isinstance(err, WorkersFailed) else 1
+            if not (isinstance(err, WorkersFailed) and code == USAGE_ERROR):
+                typer.echo(f"error: {type(err).__name__}: {err}", err=True)
+                typer.echo("(run with --debug for the traceback)", err=True)
+            raise typer.Exit(code) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    import os
+
+    from dltrain.trainers.logs import quiet_libraries
+
+    quiet_libraries(State.debug)
+    os.environ["DLTRAIN_DEBUG"] = "1" if State.debug else "0"
+
+
+def _show_report(run_dir: Path, report: dict | None, as_json: bool) -> None:
+    if report is None:  # ranks other than 0 under torchrun/srun
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        from rich.console import Console
+
+        from dltrain.metrics.render import print_report
+
+        print_report(report, Console())
+    typer.echo(f"run directory: {run_dir}", err=True)
+
+
+@app.command(context_settings=OVERRIDES)
+@_errors_to_exit_codes
+def fit(
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Train a model, test its best checkpoint, and print the report.
+
+    Example: dltrain fit model=rnn data=text trainer.max_epochs=3
+    """
+    from dltrain.cli.compose import compose
+
+    cfg, applied = compose(config, overrides or [])
+    _quiet_libraries()
+
+    from dltrain.trainers import rundir
+    from dltrain.trainers.launch import start
+
+    run_dir, report = start(cfg, applied, "fit", rundir.new_run_dir)
+    _show_report(run_dir, report, as_json)
+
+
+@app.command(name="eval", context_settings=OVERRIDES)
+@_errors_to_exit_codes
+def evaluate(
+    run: Annotated[
+        Optional[Path], typer.Argument(help="A run directory made by `dltrain fit`.")
+    ] = None,
+    ckpt: Annotated[
+        Optional[Path], typer.Option("--ckpt", help="A checkpoint file (default: the run's best).")
+    ] = None,
+    overrides: Overrides = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Evaluate a trained run or checkpoint on its test split; print the report.
+
+    Example: dltrain eval runs/default_20260101-120000 strategy=ddp trainer.devices=2
+    """
+    from dltrain.trainers.errors import ConfigError
+
+    if run is not None and "=" in run.name and not run.exists():
+        overrides = [str(run), *(overrides or [])]
+        run = None
+    if run is None and ckpt is None:
+        raise ConfigError("give a run directory (dltrain eval RUN) or a checkpoint (--ckpt FILE)")
+
+    from dltrain.cli.compose import apply_overrides
+    from dltrain.trainers import rundir
+    from dltrain.trainers.launch import start
+    from dltrain.trainers.run import read_checkpoint
+
+    _quiet_libraries()
+    if run is not None:
+        if not run.is_dir():
+            raise ConfigError(f"{run}: no such run directory")
+        saved = rundir.load_config(run)
+        if ckpt is None:
+            ckpt = _best_checkpoint(run)
+        out = run / "eval"
+    else:
+        from omegaconf import OmegaConf
+
+        from dltrain.trainers.module import CHECKPOINT_KEY
+        from dltrain.trainers.schema import validate
+
+        saved = validate(OmegaConf.create(read_checkpoint(ckpt)[CHECKPOINT_KEY]["config"]))
+        out = Path(saved.run.root) / "eval"
+    cfg = apply_overrides(saved, overrides or [])
+
+    def make_eval_dir(_cfg):
+        from datetime import datetime
+
+        path = out / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        path.mkdir(parents=True)
+        return path.resolve()
+
+    run_dir, report = start(cfg, overrides or [], "eval", make_eval_dir, ckpt=ckpt.resolve())
+    _show_report(run_dir, report, as_json)
+
+
+def _best_checkpoint(run: Path) -> Path:
+    from dltrain.trainers.errors import ConfigError
+
+    for name in ("best.ckpt", "last.ckpt"):
+        if (run / "checkpoints" / name).is_file():
+            return run / "checkpoints" / name
+    raise ConfigError(
+        f"{run} has no checkpoint (checkpoints/best.ckpt or last.ckpt); "
+        "did its fit finish? Give one with --ckpt FILE"
+    )
+
+
+@config_app.command("show", context_settings=OVERRIDES)
+@_errors_to_exit_codes
+def config_show(config: ConfigFile = None, overrides: Overrides = None) -> None:
+    """Print the composed config as YAML.
+
+    Example: dltrain config show model=rnn data=text
+    """
+    from omegaconf import OmegaConf
+
+    from dltrain.cli.compose import compose
+
+    cfg, _ = compose(config, overrides or [])
+    typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
+
+
+def main() -> None:
+    app()

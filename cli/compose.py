@@ -1,0 +1,170 @@
+"""Composing a config: the packaged tree, an experiment file, shell overrides.
+
+Imports Hydra and OmegaConf only (no torch), so `dltrain config show` is quick.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig
+
+from dltrain.trainers.errors import ConfigError
+from dltrain.trainers.schema import GROUPS, validate
+
+
+def compose(config_file: Path | None, overrides: list[str]) -> tuple[DictConfig, list[str]]:
+    """Compose and validate a config; return it with every override applied.
+
+    The experiment file comes first, the shell's overrides after it, so the
+    shell wins. The returned overrides are what the manifest records.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    file_overrides = experiment_overrides(config_file) if config_file else []
+    all_overrides = file_overrides + list(overrides)
+    try:
+        with initialize_config_module("dltrain.configs", version_base="1.3"):
+            cfg = hydra_compose("config", overrides=all_overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_hydra_message(err, config_file, file_overrides)) from None
+    return validate(cfg), all_overrides
+
+
+def experiment_overrides(path: Path) -> list[str]:
+    """Turn an experiment YAML file into Hydra overrides.
+
+    The file may select group options (``model: rnn`` at the top, or a
+    ``defaults:`` list with ``- model: rnn`` / ``- override /model: rnn``) and
+    set values (nested mappings such as ``trainer: {max_epochs: 3}``).
+    """
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path}: not valid YAML ({_first_line(err)})") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of keys to values at the top")
+    choices: list[str] = []
+    values: list[str] = []
+    for entry in content.pop("defaults", None) or []:
+        if entry == "_self_":
+            continue
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ConfigError(
+                f"--config {path}: defaults entry {entry!r} should look like '- model: rnn'"
+            )
+        (group, option), = entry.items()
+        group = str(group).removeprefix("override").strip().lstrip("/")
+        choices.append(f"{group}={option}")
+    for key, value in content.items():
+        if key in GROUPS and isinstance(value, str):
+            choices.append(f"{key}={value}")
+        else:
+            values += _flatten(str(key), value)
+    return choices + values
+
+
+def _flatten(key: str, value: Any) -> list[str]:
+    if isinstance(value, dict) and value:
+        return [item for k, v in value.items() for item in _flatten(f"{key}.{k}", v)]
+    return [f"{key}={_encode(value)}"]
+
+
+def _encode(value: Any) -> str:
+    """A YAML value in Hydra's override grammar."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_encode(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_encode(v)}" for k, v in value.items()) + "}"
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def _hydra_message(err: Exception, config_file: Path | None, from_file: list[str]) -> str:
+    text = str(err).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
+    if "Could not find" in first or "Could not load" in first:
+        # e.g. "In 'config': Could not find 'model/foo'" + "Available options in 'model':"
+        group_option = first.split("'")[-2] if first.count("'") >= 2 else ""
+        group, _, option = group_option.partition("/")
+        if group in GROUPS:
+            return (
+                f"{group}={option!r} is not a known {group}; "
+                f"choose one of: {', '.join(GROUPS[group])}"
+            )
+    if "Key '" in text and "is not in struct" in text:
+        key = next((line.split("'")[1] for line in lines if line.startswith("Could not override")), "")
+        value = next((o.split("=", 1)[1] for o in from_file + [""] if o.startswith(key + "=")), None)
+        where = f" (from --config {config_file})" if value is not None and config_file else ""
+        return (
+            f"unknown config key {key!r}{where}; check the spelling with "
+            f"`dltrain config show`, or add it with +{key}=VALUE"
+        )
+    return " ".join(lines[:3])
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """Apply shell overrides to a saved run config (for `dltrain eval`).
+
+    Values (``trainer.devices=2``, ``data.root=...``) and the ``strategy=``
+    group can change; the trained model and data set stay what they were.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(f"cannot parse overrides: {_first_line(err)}") from None
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    for override in parsed:
+        key, value = override.key_or_group, override.value()
+        if key in GROUPS:
+            if key != "strategy":
+                raise ConfigError(
+                    f"{key}={value}: eval keeps the model and data set the run was trained "
+                    "with; change strategy=, trainer.* or data.* values instead"
+                )
+            cfg.strategy = _packaged_option(key, str(value))
+            continue
+        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            raise ConfigError(
+                f"unknown config key {key!r}; see the run's config.yaml for the keys"
+            )
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, value, merge=False)
+    return validate(cfg)
+
+
+def _packaged_option(group: str, option: str) -> DictConfig:
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    path = resources.files("dltrain.configs") / group / f"{option}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"{group}={option!r} is not a known {group}; "
+            f"choose one of: {', '.join(GROUPS[group])}"
+        )
+    return OmegaConf.create(path.read_text())

@@ -1,0 +1,226 @@
+"""Starting the processes of a run.
+
+Three cases, one rule: every rank reads the same run directory.
+
+- One process: the run executes here.
+- Several processes on this machine, no launcher around us: the run directory
+  is made here, then PyTorch's elastic agent (the engine behind ``torchrun``)
+  starts the workers with ``python -m dltrain.trainers.worker RUN_DIR``. The
+  user's command line is never re-run.
+- Under ``torchrun`` or ``srun`` the processes already exist: rank 0 makes the
+  run directory and broadcasts its path; the world size comes from the launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dltrain.trainers import rundir
+from dltrain.trainers.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class WorkersFailed(Exception):
+    """A worker process failed; ``exitcode`` is the failing rank's exit code."""
+
+    def __init__(self, message: str, exitcode: int):
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+def launcher_env() -> dict[str, int] | None:
+    """World layout set by an external launcher (torchrun or srun), if any."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env):
+        world = int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_WORLD_SIZE", world))
+        return {"rank": int(env["RANK"]), "world_size": world, "devices": local}
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        world = int(env["SLURM_NTASKS"])
+        nodes = int(env.get("SLURM_NNODES", "1"))
+        return {"rank": int(env["SLURM_PROCID"]), "world_size": world, "devices": world // nodes}
+    return None
+
+
+def preflight(cfg: DictConfig) -> DictConfig:
+    """Checks that need torch or the data: devices, precision, readable data.
+
+    Under an external launcher the device count and node count come from it.
+    Returns the config to run.
+    """
+    import torch
+
+    env = launcher_env()
+    if env is not None and env["world_size"] > 1:
+        if cfg.strategy.name == "single":
+            raise ConfigError(
+                f"strategy=single under a launcher that started {env['world_size']} "
+                "processes would train the whole job once per process; add strategy=ddp"
+            )
+        cfg = _with(cfg, {"trainer.devices": env["devices"],
+                          "trainer.num_nodes": env["world_size"] // env["devices"]})
+    t = cfg.trainer
+    gpus = torch.cuda.device_count()
+    accelerator = t.accelerator.value
+    if accelerator == "gpu" and gpus == 0:
+        raise ConfigError(
+            "trainer.accelerator=gpu but no CUDA GPU is visible; "
+            "use trainer.accelerator=cpu (or auto)"
+        )
+    on_gpu = accelerator == "gpu" or (accelerator == "auto" and gpus > 0)
+    available = gpus if on_gpu else (os.cpu_count() or 1)
+    if env is None and t.devices > available:
+        kind = "GPUs" if on_gpu else "CPU cores"
+        raise ConfigError(
+            f"trainer.devices={t.devices} but this machine has {available} {kind}; "
+            f"use trainer.devices={available} or fewer"
+        )
+    if not on_gpu and t.precision == "16-mixed":
+        raise ConfigError(
+            "trainer.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true"
+        )
+    if cfg.strategy.name == "ddp" and cfg.strategy.backend == "nccl" and not on_gpu:
+        raise ConfigError("strategy.backend=nccl needs GPUs; on CPU use gloo (or null)")
+    check_data(cfg)
+    return cfg
+
+
+def check_data(cfg: DictConfig) -> None:
+    """Read the data once, so a missing or broken file fails before any process starts."""
+    from dltrain.data import readers
+
+    data = cfg.data
+    if data.name == "mnist":
+        if not data.root:
+            raise ConfigError(
+                "data=mnist needs data.root: a folder of MNIST IDX files, "
+                "e.g. data.root=../shared/data/mnist"
+            )
+        readers.load_mnist(Path(data.root))
+    elif data.name == "text" and data.path:
+        readers.read_text(Path(data.path), min_chars=1)
+
+
+def _with(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    with open_dict(cfg):
+        for key, value in values.items():
+            OmegaConf.update(cfg, key, value)
+    from dltrain.trainers.schema import validate
+
+    return validate(cfg)
+
+
+def start(
+    cfg: DictConfig, overrides: list[str], job: str, make_dir, ckpt: Path | None = None
+) -> tuple[Path, dict[str, Any] | None]:
+    """Run ``job`` ("fit" or "eval") with the processes ``cfg`` asks for.
+
+    ``make_dir(cfg)`` makes the run directory (on one process only). Returns the
+    run directory and the report (``None`` on ranks other than 0).
+    """
+    cfg = preflight(cfg)
+    env = launcher_env()
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    if env is not None and env["world_size"] > 1:
+        return _start_under_launcher(cfg, overrides, job, make_dir, ckpt, env)
+
+    run_dir = make_dir(cfg)
+    rundir.write_run(run_dir, cfg, overrides, world, job)
+    try:
+        if world == 1:
+            from dltrain.trainers.run import execute
+
+            report = execute(run_dir, job, ckpt)
+        else:
+            _spawn_workers(run_dir, job, ckpt, cfg.trainer.devices)
+            report = json.loads((run_dir / rundir.REPORT).read_text())
+    except BaseException as err:
+        rundir.update_manifest(run_dir, status="failed", error=_first_line(err),
+                               finished_at=rundir.finished_at())
+        raise
+    rundir.update_manifest(run_dir, status="finished", finished_at=rundir.finished_at())
+    return run_dir, report
+
+
+def _start_under_launcher(cfg, overrides, job, make_dir, ckpt, env):
+    """torchrun/srun: rank 0 makes the run directory, every rank learns its path."""
+    import torch
+    import torch.distributed as dist
+
+    on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator.value != "cpu"
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    backend = cfg.strategy.get("backend") or ("nccl" if on_gpu else "gloo")
+    if not dist.is_initialized():
+        # Lightning reuses this process group instead of making its own.
+        dist.init_process_group(backend=backend, rank=env["rank"], world_size=env["world_size"])
+    box: list[Any] = [None]
+    if env["rank"] == 0:
+        try:
+            run_dir = make_dir(cfg)
+            rundir.write_run(run_dir, cfg, overrides, env["world_size"], job)
+            box[0] = str(run_dir)
+        except ConfigError as err:
+            box[0] = err
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], ConfigError):
+        raise box[0]
+    run_dir = Path(box[0])
+
+    from dltrain.trainers.run import execute
+
+    report = execute(run_dir, job, ckpt)
+    if env["rank"] == 0:
+        rundir.update_manifest(run_dir, status="finished", finished_at=rundir.finished_at())
+    return run_dir, report if env["rank"] == 0 else None
+
+
+def _spawn_workers(run_dir: Path, job: str, ckpt: Path | None, nproc: int) -> None:
+    """Start ``nproc`` workers on this machine through PyTorch's elastic agent."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"dltrain-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        rdzv_configs={"timeout": 120},
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+        local_addr="127.0.0.1",
+        logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "workers")),
+    )
+    args = ["-m", "dltrain.trainers.worker", "--job", job, str(run_dir)]
+    if ckpt is not None:
+        args += ["--ckpt", str(ckpt)]
+    try:
+        elastic_launch(config, entrypoint=sys.executable)(*args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        message = _first_line(failure.message) if failure.message else ""
+        raise WorkersFailed(
+            f"worker rank {rank} failed with exit code {failure.exitcode}"
+            + (f": {message}" if message else ""),
+            failure.exitcode,
+        ) from None
+
+
+def _first_line(err: Any) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

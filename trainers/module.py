@@ -1,0 +1,101 @@
+"""The LightningModule that trains any of the plain models on either task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from dltrain.metrics.tasks import CLASSIFICATION, build_metrics, update_metrics
+
+CHECKPOINT_KEY = "dltrain"
+
+
+class TaskModule(pl.LightningModule):
+    """Cross-entropy training of ``net``; torchmetrics for validation and test.
+
+    Args:
+        net: a plain ``nn.Module`` mapping a batch of inputs to logits.
+        task: "classification" or "language_model".
+        num_classes: classes, or the vocabulary size.
+        optim: optimizer name, lr, weight_decay and scheduler.
+        max_epochs: horizon of the cosine schedule.
+        checkpoint_meta: stored in every checkpoint, so a checkpoint alone can
+            rebuild its model and data (config, vocabulary).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        task: str,
+        num_classes: int,
+        optim: dict[str, Any],
+        max_epochs: int,
+        checkpoint_meta: dict[str, Any],
+    ):
+        super().__init__()
+        self.net = net
+        self.task = task
+        self.optim = optim
+        self.max_epochs = max_epochs
+        self.checkpoint_meta = checkpoint_meta
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_metrics = build_metrics(task, num_classes)
+        self.test_values: dict[str, torch.Tensor] = {}
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        """The validation metric that picks the best checkpoint, and its mode."""
+        return ("val_acc", "max") if self.task == CLASSIFICATION else ("val_loss", "min")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.train_loss.update(loss.detach())
+        # The per-step value is this rank's; the epoch mean is synced by torchmetrics.
+        self.log("train_loss_step", loss, prog_bar=True, batch_size=len(y))
+        self.log("train_loss", self.train_loss, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        logits = self(x).float()
+        self.val_loss.update(F.cross_entropy(logits, y, reduction="none"))
+        self.val_acc.update(logits, y)
+        self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        update_metrics(self.test_metrics, self.task, self(x), y)
+
+    def on_test_epoch_end(self) -> None:
+        # compute() gathers the states of every rank (torchmetrics' own sync).
+        self.test_values = {k: v.detach().cpu() for k, v in self.test_metrics.compute().items()}
+        self.test_metrics.reset()
+
+    def configure_optimizers(self):
+        name, lr, decay = self.optim["name"], self.optim["lr"], self.optim["weight_decay"]
+        if name == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, weight_decay=decay)
+        elif name == "adam":
+            optimizer = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=decay)
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=decay)
+        if self.optim["scheduler"] != "cosine":
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.checkpoint_meta

@@ -1,0 +1,237 @@
+"""One run inside one process: data, model, trainer, fit, test, report.
+
+Every rank of a run executes :func:`execute` on the same run directory and
+reads the same ``config.yaml``; only global rank 0 writes shared files.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.strategies import DDPStrategy
+
+from dltrain.data.datamodules import DataInfo, ImageDataModule, TextDataModule
+from dltrain.data.readers import load_digits, load_mnist
+from dltrain.metrics.render import to_markdown
+from dltrain.metrics.tasks import summarize
+from dltrain.models.cnn import CNN
+from dltrain.models.rnn import BiRNN
+from dltrain.trainers import rundir
+from dltrain.trainers.errors import ConfigError
+from dltrain.trainers.module import CHECKPOINT_KEY, TaskModule
+from dltrain.trainers.progress import progress_callbacks
+
+log = logging.getLogger(__name__)
+
+# With num_workers=0 (the default here: the data sets are in memory) Lightning
+# suggests more workers on every run; that advice does not apply.
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+# Lightning 2.6 calls a torch pytree API that newer torch deprecates; not ours to fix.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def build_datamodule(cfg: DictConfig, vocab: str | None = None) -> pl.LightningDataModule:
+    """The datamodule of ``cfg.data``; ``vocab`` pins a trained model's alphabet."""
+    data = cfg.data
+    if data.name == "text":
+        return TextDataModule(
+            path=data.path,
+            window=data.window,
+            train_samples=data.train_samples,
+            eval_stride=data.eval_stride,
+            batch_size=data.batch_size,
+            val_fraction=data.val_fraction,
+            test_fraction=data.test_fraction,
+            seed=cfg.seed,
+            num_workers=data.num_workers,
+            vocab=vocab,
+        )
+    images = load_digits() if data.name == "digits" else load_mnist(Path(data.root))
+    return ImageDataModule(
+        images,
+        batch_size=data.batch_size,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+        seed=cfg.seed,
+        num_workers=data.num_workers,
+    )
+
+
+def build_net(cfg: DictConfig, info: DataInfo) -> torch.nn.Module:
+    """The plain model of ``cfg.model``, sized for the data."""
+    model = cfg.model
+    if model.name == "cnn":
+        return CNN(
+            info.input_shape,
+            info.num_classes,
+            channels=tuple(model.channels),
+            hidden=model.hidden,
+            dropout=model.dropout,
+        )
+    text = info.task == "language_model"
+    return BiRNN(
+        info.num_classes,
+        vocab_size=info.num_classes if text else None,
+        row_width=None if text else info.input_shape[-1],
+        cell=model.cell.value,
+        embed_dim=model.embed_dim,
+        hidden_size=model.hidden_size,
+        num_layers=model.num_layers,
+        dropout=model.dropout,
+    )
+
+
+def build_module(cfg: DictConfig, info: DataInfo) -> TaskModule:
+    meta = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "data": asdict(info)}
+    return TaskModule(
+        build_net(cfg, info),
+        task=info.task,
+        num_classes=info.num_classes,
+        optim=OmegaConf.to_container(cfg.optim, enum_to_str=True),
+        max_epochs=cfg.trainer.max_epochs,
+        checkpoint_meta=meta,
+    )
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, monitor: tuple[str, str]) -> pl.Trainer:
+    """A Lightning Trainer for the configured strategy, logging into ``run_dir``."""
+    t = cfg.trainer
+    if cfg.strategy.name == "ddp":
+        strategy: Any = DDPStrategy(
+            process_group_backend=cfg.strategy.backend,
+            find_unused_parameters=cfg.strategy.find_unused_parameters,
+        )
+    else:
+        strategy = "auto"
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=monitor[0],
+        mode=monitor[1],
+        save_top_k=1,
+        save_last=True,
+    )
+    progress = progress_callbacks(t.progress.value)
+    return pl.Trainer(
+        accelerator=t.accelerator.value,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=t.precision,
+        max_epochs=t.max_epochs,
+        deterministic=t.deterministic,
+        gradient_clip_val=t.gradient_clip_val,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=CSVLogger(save_dir=run_dir, name="logs", version=""),
+        callbacks=[checkpoint, *progress],
+        enable_progress_bar=any(not hasattr(c, "every_s") for c in progress),
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=run_dir,
+    )
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A dltrain checkpoint, loaded without running code from it."""
+    if not path.is_file():
+        raise ConfigError(f"--ckpt {path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: not a loadable checkpoint ({first})") from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise ConfigError(f"{path}: not a dltrain checkpoint (no '{CHECKPOINT_KEY}' entry)")
+    return checkpoint
+
+
+def load_weights(module: TaskModule, checkpoint: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's weights, naming the mismatch if its model differs."""
+    trained = checkpoint[CHECKPOINT_KEY]["config"]["model"]
+    wanted = module.checkpoint_meta["config"]["model"]
+    if trained != wanted:
+        raise ConfigError(
+            f"{path} holds a model={trained.get('name')} trained with {trained}, but this "
+            f"run asks for model={wanted.get('name')} with {wanted}; drop the model "
+            "overrides or evaluate the checkpoint's own run"
+        )
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"{path}: its weights do not fit this model ({first})") from None
+
+
+def execute(run_dir: Path, job: str, ckpt: Path | None = None) -> dict[str, Any]:
+    """Fit (``job="fit"``) or evaluate (``job="eval"``) the run in ``run_dir``.
+
+    Returns the report; global rank 0 has also written report.json and report.md.
+    """
+    start = time.monotonic()
+    cfg = rundir.load_config(run_dir)
+    checkpoint = read_checkpoint(ckpt) if ckpt else None
+    vocab = checkpoint[CHECKPOINT_KEY]["data"]["vocab"] if checkpoint else None
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = build_datamodule(cfg, vocab=vocab or None)
+    info = datamodule.info
+    module = build_module(cfg, info)
+    trainer = build_trainer(cfg, run_dir, module.monitor)
+    say = _rank_zero_printer(trainer)
+    say(
+        f"{job}: model={cfg.model.name} ({_count(module):,} parameters), data={cfg.data.name} "
+        f"(train {info.sizes['train']}, val {info.sizes['val']}, test {info.sizes['test']}), "
+        f"strategy={cfg.strategy.name}, world size {trainer.world_size}"
+    )
+
+    if job == "fit":
+        trainer.fit(module, datamodule=datamodule)
+        callback = trainer.checkpoint_callback
+        ckpt = Path(callback.best_model_path or callback.last_model_path)
+        checkpoint = read_checkpoint(ckpt)
+        say(f"fit: done in {rundir.elapsed(start)}; testing {ckpt.name}")
+    load_weights(module, checkpoint, ckpt)
+
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    report = {
+        "task": info.task,
+        "split": "test",
+        **summarize(module.test_values, info.task, info.class_names),
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt),
+        "data": info.source,
+        "model": cfg.model.name,
+        "strategy": cfg.strategy.name,
+        "world_size": trainer.world_size,
+        "seconds": round(time.monotonic() - start, 1),
+    }
+    if trainer.is_global_zero:
+        rundir.write_json(run_dir / rundir.REPORT, report)
+        (run_dir / "report.md").write_text(to_markdown(report))
+    return report
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _rank_zero_printer(trainer: pl.Trainer):
+    def say(text: str) -> None:
+        if trainer.is_global_zero:
+            print(text, file=sys.stderr, flush=True)
+
+    return say

@@ -1,0 +1,131 @@
+"""The run directory: its name, its resolved config and its manifest.
+
+Torch-free, so the CLI can make and check run directories cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dltrain.trainers.errors import ConfigError
+from dltrain.trainers.schema import validate
+
+CONFIG = "config.yaml"
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+PACKAGES = ("dltrain", "torch", "pytorch-lightning", "torchmetrics", "hydra-core", "numpy")
+
+
+def new_run_dir(cfg: DictConfig) -> Path:
+    """``run.dir`` if set, else ``<run.root>/<name>_<time>``; refuses to reuse a run."""
+    if cfg.run.dir:
+        path = Path(cfg.run.dir).expanduser()
+        if (path / CONFIG).exists():
+            raise ConfigError(
+                f"run.dir={path} already holds a run; choose another run.dir "
+                "(or leave it unset for a fresh timestamped folder)"
+            )
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(cfg.run.root).expanduser() / f"{cfg.run.name or cfg.experiment}_{stamp}"
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"run.dir={path}: cannot create it ({err.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"run.dir={path} is not writable; choose another run.dir")
+    return path.resolve()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def write_run(
+    run_dir: Path, cfg: DictConfig, overrides: list[str], world_size: int, job: str
+) -> dict[str, Any]:
+    """Write the resolved ``config.yaml`` and the manifest of a new run."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    (run_dir / CONFIG).write_text(text)
+    manifest = {
+        "job": job,
+        "status": "running",
+        "started_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "overrides": overrides,
+        "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "seed": cfg.seed,
+        "strategy": cfg.strategy.name,
+        "world_size": world_size,
+        "devices": cfg.trainer.devices,
+        "num_nodes": cfg.trainer.num_nodes,
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "versions": {name: _version(name) for name in PACKAGES},
+        "git_commit": _git_commit(),
+    }
+    write_json(run_dir / MANIFEST, manifest)
+    return manifest
+
+
+def update_manifest(run_dir: Path, **fields: Any) -> None:
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    manifest.update(fields)
+    write_json(run_dir / MANIFEST, manifest)
+
+
+def load_config(run_dir: Path) -> DictConfig:
+    """The validated config of an existing run directory."""
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} is not a dltrain run: it has no {CONFIG}; "
+            "give a folder made by `dltrain fit` (or --ckpt FILE)"
+        )
+    return validate(OmegaConf.load(path))
+
+
+def finished_at() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """The commit of the git checkout the run started in, if any."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def elapsed(start: float) -> str:
+    return f"{time.monotonic() - start:.1f} s"

@@ -1,0 +1,257 @@
+"""The typed schema of a composed config, checked before anything starts.
+
+Only OmegaConf is imported here, so the CLI can validate a config without
+importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dltrain.trainers.errors import ConfigError
+
+
+class Cell(Enum):
+    rnn = "rnn"
+    lstm = "lstm"
+    gru = "gru"
+
+
+class Accelerator(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Progress(Enum):
+    auto = "auto"
+    rich = "rich"
+    plain = "plain"
+    none = "none"
+
+
+class Optimizer(Enum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Scheduler(Enum):
+    none = "none"
+    cosine = "cosine"
+
+
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true")
+
+
+@dataclass
+class CNNConfig:
+    name: str = "cnn"
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    hidden: int = 128
+    dropout: float = 0.25
+
+
+@dataclass
+class RNNConfig:
+    name: str = "rnn"
+    cell: Cell = Cell.lstm
+    embed_dim: int = 32
+    hidden_size: int = 64
+    num_layers: int = 1
+    dropout: float = 0.0
+
+
+@dataclass
+class DigitsConfig:
+    name: str = "digits"
+    batch_size: int = 64
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    num_workers: int = 0
+
+
+@dataclass
+class MNISTConfig:
+    name: str = "mnist"
+    root: str | None = None
+    batch_size: int = 128
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    num_workers: int = 0
+
+
+@dataclass
+class TextConfig:
+    name: str = "text"
+    path: str | None = None
+    window: int = 64
+    train_samples: int = 100000
+    eval_stride: int = 4
+    batch_size: int = 256
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    num_workers: int = 0
+
+
+@dataclass
+class SingleConfig:
+    name: str = "single"
+
+
+@dataclass
+class DDPConfig:
+    name: str = "ddp"
+    backend: str | None = None
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: Accelerator = Accelerator.auto
+    devices: int = 1
+    num_nodes: int = 1
+    max_epochs: int = 10
+    precision: str = "32-true"
+    deterministic: bool = False
+    gradient_clip_val: float | None = None
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    log_every_n_steps: int = 10
+    progress: Progress = Progress.auto
+
+
+@dataclass
+class OptimConfig:
+    name: Optimizer = Optimizer.adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: Scheduler = Scheduler.none
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None
+    name: str | None = None
+    root: str = "runs"
+
+
+@dataclass
+class Config:
+    experiment: str = "default"
+    seed: int = 42
+    model: Any = None
+    data: Any = None
+    strategy: Any = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+GROUPS: dict[str, dict[str, type]] = {
+    "model": {"cnn": CNNConfig, "rnn": RNNConfig},
+    "data": {"digits": DigitsConfig, "mnist": MNISTConfig, "text": TextConfig},
+    "strategy": {"single": SingleConfig, "ddp": DDPConfig},
+}
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check a composed config against the schema; return it typed and read-only.
+
+    Raises:
+        ConfigError: naming the key, the value and the fix.
+    """
+    typed = _merge(OmegaConf.structured(Config), cfg, "")
+    for group, options in GROUPS.items():
+        node = cfg.get(group)
+        name = node.get("name") if isinstance(node, DictConfig) else node
+        if name not in options:
+            raise ConfigError(
+                f"{group}={name!r} is not a known {group}; "
+                f"choose one of: {', '.join(options)}"
+            )
+        typed[group] = _merge(OmegaConf.structured(options[name]), node, group + ".")
+    _check_values(typed)
+    OmegaConf.set_readonly(typed, True)
+    return typed
+
+
+def _merge(schema: DictConfig, node: Any, prefix: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, node)
+    except OmegaConfBaseException as err:
+        key = prefix + str(getattr(err, "full_key", "") or "")
+        msg = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"invalid config at {key or 'top level'}: {msg}") from None
+
+
+def _check_values(cfg: DictConfig) -> None:
+    def positive(key: str, value: Any, fix: str = "") -> None:
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be positive{fix}")
+
+    def fraction(key: str, value: float) -> None:
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"{key}={value} must be between 0 and 1, e.g. {key}=0.1")
+
+    trainer = cfg.trainer
+    if trainer.precision not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={trainer.precision!r} is not supported; "
+            f"choose one of: {', '.join(PRECISIONS)}"
+        )
+    for key in ("devices", "num_nodes", "max_epochs", "log_every_n_steps"):
+        positive(f"trainer.{key}", trainer[key])
+    for key in ("limit_train_batches", "limit_val_batches"):
+        positive(f"trainer.{key}", trainer[key])
+    positive("optim.lr", cfg.optim.lr)
+    positive("data.batch_size", cfg.data.batch_size)
+    fraction("data.val_fraction", cfg.data.val_fraction)
+    fraction("data.test_fraction", cfg.data.test_fraction)
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
+        raise ConfigError(
+            "data.val_fraction + data.test_fraction must leave at least 10% for "
+            f"training; got {cfg.data.val_fraction} + {cfg.data.test_fraction}"
+        )
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    if cfg.data.name == "text":
+        positive("data.window", cfg.data.window)
+        positive("data.train_samples", cfg.data.train_samples)
+        positive("data.eval_stride", cfg.data.eval_stride)
+    if cfg.model.name == "cnn":
+        if cfg.data.name == "text":
+            raise ConfigError(
+                "model=cnn reads images and cannot model data=text; "
+                "use model=rnn for text"
+            )
+        if len(cfg.model.channels) != 2:
+            raise ConfigError(
+                f"model.channels={list(cfg.model.channels)} must list the filters "
+                "of the two conv blocks, e.g. model.channels=[32,64]"
+            )
+        for value in cfg.model.channels:
+            positive("model.channels", value)
+        positive("model.hidden", cfg.model.hidden)
+    else:
+        for key in ("embed_dim", "hidden_size", "num_layers"):
+            positive(f"model.{key}", cfg.model[key])
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    world = trainer.devices * trainer.num_nodes
+    if cfg.strategy.name == "single" and world > 1:
+        raise ConfigError(
+            f"strategy=single runs one process, but trainer.devices={trainer.devices} "
+            f"and trainer.num_nodes={trainer.num_nodes} ask for {world}; "
+            "add strategy=ddp, or set trainer.devices=1"
+        )
+    if cfg.strategy.name == "ddp" and cfg.strategy.backend not in (None, "gloo", "nccl"):
+        raise ConfigError(
+            f"strategy.backend={cfg.strategy.backend!r} is not supported; "
+            "choose gloo, nccl or null (nccl on GPU, gloo on CPU)"
+        )
