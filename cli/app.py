@@ -11,7 +11,7 @@ import json
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,11 +30,11 @@ OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 USAGE_ERROR = 2
 
 ConfigFile = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="Experiment YAML: group choices and values."),
 ]
 Overrides = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Argument(
         help="Hydra overrides: key=value, +key=value, group=option.", show_default=False
     ),
@@ -57,9 +57,14 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version."
+        ),
     ] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library logs.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks and library logs.")
+    ] = False,
 ) -> None:
     State.debug = debug
 
@@ -148,10 +153,11 @@ def fit(
 @_errors_to_exit_codes
 def evaluate(
     run: Annotated[
-        Optional[Path], typer.Argument(help="A run directory made by `dltrain fit`.")
+        Path | None, typer.Argument(help="A run directory made by `dltrain fit`.")
     ] = None,
     ckpt: Annotated[
-        Optional[Path], typer.Option("--ckpt", help="A checkpoint file (default: the run's best).")
+        Path | None,
+        typer.Option("--ckpt", help="A checkpoint file (default: the run's best)."),
     ] = None,
     overrides: Overrides = None,
     as_json: JsonFlag = False,
@@ -166,7 +172,9 @@ def evaluate(
         overrides = [str(run), *(overrides or [])]
         run = None
     if run is None and ckpt is None:
-        raise ConfigError("give a run directory (dltrain eval RUN) or a checkpoint (--ckpt FILE)")
+        raise ConfigError(
+            "give a run directory (dltrain eval RUN) or a checkpoint (--ckpt FILE)"
+        )
 
     from dltrain.cli.compose import apply_overrides
     from dltrain.trainers import rundir
@@ -187,7 +195,9 @@ def evaluate(
         from dltrain.trainers.module import CHECKPOINT_KEY
         from dltrain.trainers.schema import validate
 
-        saved = validate(OmegaConf.create(read_checkpoint(ckpt)[CHECKPOINT_KEY]["config"]))
+        saved = validate(
+            OmegaConf.create(read_checkpoint(ckpt)[CHECKPOINT_KEY]["config"])
+        )
         out = Path(saved.run.root) / "eval"
     cfg = apply_overrides(saved, overrides or [])
 
@@ -198,7 +208,9 @@ def evaluate(
         path.mkdir(parents=True)
         return path.resolve()
 
-    run_dir, report = start(cfg, overrides or [], "eval", make_eval_dir, ckpt=ckpt.resolve())
+    run_dir, report = start(
+        cfg, overrides or [], "eval", make_eval_dir, ckpt=ckpt.resolve()
+    )
     _show_report(run_dir, report, as_json)
 
 

@@ -15,7 +15,9 @@ from dltrain.trainers.errors import ConfigError
 from dltrain.trainers.schema import GROUPS, validate
 
 
-def compose(config_file: Path | None, overrides: list[str]) -> tuple[DictConfig, list[str]]:
+def compose(
+    config_file: Path | None, overrides: list[str]
+) -> tuple[DictConfig, list[str]]:
     """Compose and validate a config; return it with every override applied.
 
     The experiment file comes first, the shell's overrides after it, so the
@@ -48,9 +50,13 @@ def experiment_overrides(path: Path) -> list[str]:
     try:
         content = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--config {path}: not valid YAML ({_first_line(err)})") from None
+        raise ConfigError(
+            f"--config {path}: not valid YAML ({_first_line(err)})"
+        ) from None
     if not isinstance(content, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of keys to values at the top")
+        raise ConfigError(
+            f"--config {path}: expected a mapping of keys to values at the top"
+        )
     choices: list[str] = []
     values: list[str] = []
     for entry in content.pop("defaults", None) or []:
@@ -60,7 +66,7 @@ def experiment_overrides(path: Path) -> list[str]:
             raise ConfigError(
                 f"--config {path}: defaults entry {entry!r} should look like '- model: rnn'"
             )
-        (group, option), = entry.items()
+        ((group, option),) = entry.items()
         group = str(group).removeprefix("override").strip().lstrip("/")
         choices.append(f"{group}={option}")
     for key, value in content.items():
@@ -93,7 +99,9 @@ def _encode(value: Any) -> str:
     return f"'{text}'"
 
 
-def _hydra_message(err: Exception, config_file: Path | None, from_file: list[str]) -> str:
+def _hydra_message(
+    err: Exception, config_file: Path | None, from_file: list[str]
+) -> str:
     text = str(err).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = lines[0] if lines else type(err).__name__
@@ -106,13 +114,13 @@ def _hydra_message(err: Exception, config_file: Path | None, from_file: list[str
                 f"{group}={option!r} is not a known {group}; "
                 f"choose one of: {', '.join(GROUPS[group])}"
             )
-    if "Key '" in text and "is not in struct" in text:
-        key = next((line.split("'")[1] for line in lines if line.startswith("Could not override")), "")
-        value = next((o.split("=", 1)[1] for o in from_file + [""] if o.startswith(key + "=")), None)
-        where = f" (from --config {config_file})" if value is not None and config_file else ""
+    if first.startswith("Could not override '") and "+" in text:
+        key = first.split("'")[1]
+        from_this_file = any(o.startswith(key + "=") for o in from_file)
+        where = f" (from --config {config_file})" if from_this_file else ""
         return (
             f"unknown config key {key!r}{where}; check the spelling with "
-            f"`dltrain config show`, or add it with +{key}=VALUE"
+            f"`dltrain config show`, or add a new key with +{key}=VALUE"
         )
     return " ".join(lines[:3])
 

@@ -8,16 +8,26 @@ sample is counted exactly once whatever the number of processes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    TensorDataset,
+)
 
-from dltrain.data.readers import DataError, ImageSet, load_digits, load_mnist, read_text
+from dltrain.data.readers import (
+    DataError,
+    ImageSet,
+    read_text,
+    text_min_chars,
+)
 
 
 @dataclass
@@ -53,7 +63,11 @@ class EpochSampler(Sampler[int]):
     number of steps.
     """
 
-    def __init__(self, length: int, num_samples: int, seed: int, rank: int, world_size: int):
+    def __init__(
+        self, length: int, num_samples: int, seed: int, rank: int, world_size: int
+    ):
+        if length <= 0:
+            raise ValueError("EpochSampler needs a data set of at least one sample")
         self.length = length
         self.per_rank = max(1, num_samples // world_size)
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -112,10 +126,14 @@ class _ShardedDataModule(pl.LightningDataModule):
         return self._loader(self.train_set, self.train_sampler())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, ShardSampler(len(self.val_set), *self._rank_world()))
+        return self._loader(
+            self.val_set, ShardSampler(len(self.val_set), *self._rank_world())
+        )
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, ShardSampler(len(self.test_set), *self._rank_world()))
+        return self._loader(
+            self.test_set, ShardSampler(len(self.test_set), *self._rank_world())
+        )
 
 
 class ImageDataModule(_ShardedDataModule):
@@ -136,7 +154,10 @@ class ImageDataModule(_ShardedDataModule):
         index = np.arange(len(images.labels))
         try:
             rest, test = train_test_split(
-                index, test_size=test_fraction, stratify=images.labels, random_state=seed
+                index,
+                test_size=test_fraction,
+                stratify=images.labels,
+                random_state=seed,
             )
             train, val = train_test_split(
                 rest,
@@ -145,7 +166,9 @@ class ImageDataModule(_ShardedDataModule):
                 random_state=seed,
             )
         except ValueError as err:
-            raise DataError(f"{images.source}: cannot split into train/val/test: {err}") from None
+            raise DataError(
+                f"{images.source}: cannot split into train/val/test: {err}"
+            ) from None
         x = torch.from_numpy(images.images)
         y = torch.from_numpy(images.labels)
         self.train_set = TensorDataset(x[train], y[train])
@@ -174,7 +197,9 @@ class WindowDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = i * self.stride
-        return self.tokens[start : start + self.window], self.tokens[start + self.window]
+        return self.tokens[start : start + self.window], self.tokens[
+            start + self.window
+        ]
 
 
 class TextDataModule(_ShardedDataModule):
@@ -194,7 +219,7 @@ class TextDataModule(_ShardedDataModule):
         vocab: str | None = None,
     ):
         super().__init__(batch_size, num_workers, seed)
-        min_chars = math.ceil((window + 1) / min(val_fraction, test_fraction)) + window
+        min_chars = text_min_chars(window, val_fraction, test_fraction)
         text, source = read_text(Path(path) if path else None, min_chars)
         if vocab is None:
             vocab = "".join(sorted(set(text)))
@@ -209,7 +234,9 @@ class TextDataModule(_ShardedDataModule):
         n_val, n_test = int(len(text) * val_fraction), int(len(text) * test_fraction)
         n_train = len(text) - n_val - n_test
         self.train_set = WindowDataset(tokens[:n_train], window)
-        self.val_set = WindowDataset(tokens[n_train : n_train + n_val], window, eval_stride)
+        self.val_set = WindowDataset(
+            tokens[n_train : n_train + n_val], window, eval_stride
+        )
         self.test_set = WindowDataset(tokens[n_train + n_val :], window, eval_stride)
         self.train_samples = train_samples
         self.info = DataInfo(
@@ -218,9 +245,15 @@ class TextDataModule(_ShardedDataModule):
             source=source,
             input_shape=(window,),
             vocab=vocab,
-            sizes={"train": train_samples, "val": len(self.val_set), "test": len(self.test_set)},
+            sizes={
+                "train": train_samples,
+                "val": len(self.val_set),
+                "test": len(self.test_set),
+            },
         )
 
     def train_sampler(self) -> Sampler:
         rank, world = self._rank_world()
-        return EpochSampler(len(self.train_set), self.train_samples, self.seed, rank, world)
+        return EpochSampler(
+            len(self.train_set), self.train_samples, self.seed, rank, world
+        )

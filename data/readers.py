@@ -7,6 +7,8 @@ and the fix, so the CLI can refuse a bad data set before any process starts.
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +44,17 @@ def load_digits() -> ImageSet:
 
     bunch = sklearn_digits()
     images = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
-    return ImageSet(images, bunch.target.astype(np.int64), "sklearn.datasets.load_digits")
+    return ImageSet(
+        images, bunch.target.astype(np.int64), "sklearn.datasets.load_digits"
+    )
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (gzip or raw), checking its magic number and size."""
+def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
+    """Read one IDX file (gzip or raw), checking its magic number and size.
+
+    ``ndim`` (3 for images, 1 for labels) also checks the number of dimensions
+    that the magic number announces.
+    """
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -54,7 +62,7 @@ def read_idx(path: Path) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:
             raise DataError(f"{path}: broken gzip stream ({err})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
         magic = raw[:4].hex() or "empty"
@@ -62,12 +70,19 @@ def read_idx(path: Path) -> np.ndarray:
             f"{path}: not an IDX file (magic number 0x{magic}; expected 0x00000803 "
             "for images or 0x00000801 for labels)"
         )
+    if ndim is not None and raw[3] != ndim:
+        raise DataError(
+            f"{path}: not an IDX file of {ndim} dimension(s) (magic number "
+            f"0x{raw[:4].hex()}; expected 0x000008{ndim:02x})"
+        )
     dtype = np.dtype(IDX_DTYPES[raw[2]])
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX header")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(
+        int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
+    )
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) - header != expected:
         raise DataError(
@@ -93,7 +108,9 @@ def find_mnist(root: Path) -> list[tuple[Path, Path]]:
             raise DataError(f"{images} has no labels file: expected {labels}")
         pairs.append((images, labels))
     if not pairs:
-        raise DataError(f"data.root={root} holds no MNIST IDX files; expected {MNIST_FILES}")
+        raise DataError(
+            f"data.root={root} holds no MNIST IDX files; expected {MNIST_FILES}"
+        )
     return pairs
 
 
@@ -101,21 +118,26 @@ def load_mnist(root: Path) -> ImageSet:
     """Every (images, labels) pair found in ``root``, concatenated."""
     images, labels = [], []
     for image_path, label_path in find_mnist(root):
-        x, y = read_idx(image_path), read_idx(label_path)
-        if x.ndim != 3 or y.ndim != 1:
-            raise DataError(
-                f"{image_path}, {label_path}: expected images of 3 dimensions and "
-                f"labels of 1, got {x.ndim} and {y.ndim}"
-            )
+        x, y = read_idx(image_path, ndim=3), read_idx(label_path, ndim=1)
         if len(x) != len(y):
-            raise DataError(f"{image_path} holds {len(x)} images but {label_path} {len(y)} labels")
+            raise DataError(
+                f"{image_path} holds {len(x)} images but {label_path} {len(y)} labels"
+            )
         if len(y) and int(y.max()) > 9:
-            raise DataError(f"{label_path}: labels must be digits 0..9, found {int(y.max())}")
+            raise DataError(
+                f"{label_path}: labels must be digits 0..9, found {int(y.max())}"
+            )
         images.append(x)
         labels.append(y)
     x = np.concatenate(images).astype(np.float32)[:, None, :, :] / 255.0
     y = np.concatenate(labels).astype(np.int64)
     return ImageSet(x, y, str(root))
+
+
+def text_min_chars(window: int, val_fraction: float, test_fraction: float) -> int:
+    """The shortest text that gives every split at least one window."""
+    smallest = min(val_fraction, test_fraction, 1.0 - val_fraction - test_fraction)
+    return math.ceil((window + 1) / smallest) + window
 
 
 def default_text() -> tuple[str, str]:
@@ -128,7 +150,13 @@ def default_text() -> tuple[str, str]:
 def read_text(path: Path | None, min_chars: int) -> tuple[str, str]:
     """The text of a UTF-8 file (or the embedded default) and its source."""
     if path is None:
-        return default_text()
+        text, source = default_text()
+        if len(text) < min_chars:
+            raise DataError(
+                f"the embedded text ({source}) holds {len(text)} characters; "
+                f"data.window needs at least {min_chars}: lower data.window"
+            )
+        return text, source
     if not path.is_file():
         raise DataError(f"data.path={path}: no such file; give a UTF-8 text file")
     try:

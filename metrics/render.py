@@ -34,7 +34,12 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         for column in ("class", "precision", "recall", "f1", "support"):
             per_class.add_column(column, justify="right")
         for row in report["per_class"]:
-            per_class.add_row(*(_fmt(row[c]) for c in ("class", "precision", "recall", "f1", "support")))
+            per_class.add_row(
+                *(
+                    _fmt(row[c])
+                    for c in ("class", "precision", "recall", "f1", "support")
+                )
+            )
         console.print(per_class)
 
     if report.get("confusion_matrix"):
@@ -43,7 +48,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         confusion.add_column("")
         for name in names:
             confusion.add_column(name, justify="right")
-        for name, row in zip(names, report["confusion_matrix"]):
+        for name, row in zip(names, report["confusion_matrix"], strict=True):
             confusion.add_row(name, *(str(v) for v in row))
         console.print(confusion)
     for note in report.get("notes", []):
@@ -63,19 +68,28 @@ def to_markdown(report: dict[str, Any]) -> str:
         "| metric | value |",
         "| --- | ---: |",
     ]
-    lines += [f"| {name} | {_fmt(value)} |" for name, value in report["metrics"].items()]
+    lines += [
+        f"| {name} | {_fmt(value)} |" for name, value in report["metrics"].items()
+    ]
     if report.get("per_class"):
-        lines += ["", "## Per class", "", "| class | precision | recall | f1 | support |"]
+        lines += [
+            "",
+            "## Per class",
+            "",
+            "| class | precision | recall | f1 | support |",
+        ]
         lines.append("| --- | ---: | ---: | ---: | ---: |")
         for row in report["per_class"]:
-            cells = (_fmt(row[c]) for c in ("class", "precision", "recall", "f1", "support"))
+            cells = (
+                _fmt(row[c]) for c in ("class", "precision", "recall", "f1", "support")
+            )
             lines.append("| " + " | ".join(cells) + " |")
     if report.get("confusion_matrix"):
         names = [row["class"] for row in report["per_class"]]
         lines += ["", "## Confusion matrix (rows: true, columns: predicted)", ""]
         lines.append("| | " + " | ".join(names) + " |")
         lines.append("| --- |" + " ---: |" * len(names))
-        for name, row in zip(names, report["confusion_matrix"]):
+        for name, row in zip(names, report["confusion_matrix"], strict=True):
             lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]

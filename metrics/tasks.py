@@ -138,7 +138,9 @@ def summarize(
             )
         if support[i] == 0:
             row["recall"] = None
-            notes.append(f"recall of class {name} is undefined (no sample in the split)")
+            notes.append(
+                f"recall of class {name} is undefined (no sample in the split)"
+            )
         if support[i] == 0 and predicted[i] == 0:
             row["f1"] = None
         per_class.append(row)

@@ -37,7 +37,9 @@ class CNN(nn.Module):
         super().__init__()
         in_channels, height, width = input_shape
         if height < 4 or width < 4:
-            raise ValueError(f"images of {height}x{width} are too small for two 2x2 pools")
+            raise ValueError(
+                f"images of {height}x{width} are too small for two 2x2 pools"
+            )
         self.features = nn.Sequential(
             conv_block(in_channels, channels[0]), conv_block(channels[0], channels[1])
         )

@@ -38,7 +38,9 @@ class BiRNN(nn.Module):
     ):
         super().__init__()
         if (vocab_size is None) == (row_width is None):
-            raise ValueError("give exactly one of vocab_size (text) and row_width (images)")
+            raise ValueError(
+                "give exactly one of vocab_size (text) and row_width (images)"
+            )
         if cell not in CELLS:
             raise ValueError(f"cell={cell!r}; choose one of {', '.join(CELLS)}")
         if vocab_size is not None:
@@ -54,7 +56,9 @@ class BiRNN(nn.Module):
             bidirectional=True,
             dropout=dropout if num_layers > 1 else 0.0,
         )
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * hidden_size, num_classes))
+        self.head = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(2 * hidden_size, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:  # images (B, C, H, W): one step per row

@@ -40,14 +40,20 @@ class WorkersFailed(Exception):
 def launcher_env() -> dict[str, int] | None:
     """World layout set by an external launcher (torchrun or srun), if any."""
     env = os.environ
-    if "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env):
+    if "TORCHELASTIC_RUN_ID" in env or (
+        "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env
+    ):
         world = int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_WORLD_SIZE", world))
         return {"rank": int(env["RANK"]), "world_size": world, "devices": local}
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         world = int(env["SLURM_NTASKS"])
         nodes = int(env.get("SLURM_NNODES", "1"))
-        return {"rank": int(env["SLURM_PROCID"]), "world_size": world, "devices": world // nodes}
+        return {
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": world,
+            "devices": world // nodes,
+        }
     return None
 
 
@@ -66,8 +72,17 @@ def preflight(cfg: DictConfig) -> DictConfig:
                 f"strategy=single under a launcher that started {env['world_size']} "
                 "processes would train the whole job once per process; add strategy=ddp"
             )
-        cfg = _with(cfg, {"trainer.devices": env["devices"],
-                          "trainer.num_nodes": env["world_size"] // env["devices"]})
+        cfg = _with(
+            cfg,
+            {
+                "trainer.devices": env["devices"],
+                "trainer.num_nodes": env["world_size"] // env["devices"],
+            },
+        )
+    for key in ("root", "path"):
+        value = cfg.data.get(key)
+        if value:  # every process, and a later eval from any folder, finds the data
+            cfg = _with(cfg, {f"data.{key}": str(Path(value).expanduser().resolve())})
     t = cfg.trainer
     gpus = torch.cuda.device_count()
     accelerator = t.accelerator.value
@@ -106,8 +121,11 @@ def check_data(cfg: DictConfig) -> None:
                 "e.g. data.root=../shared/data/mnist"
             )
         readers.load_mnist(Path(data.root))
-    elif data.name == "text" and data.path:
-        readers.read_text(Path(data.path), min_chars=1)
+    elif data.name == "text":
+        min_chars = readers.text_min_chars(
+            data.window, data.val_fraction, data.test_fraction
+        )
+        readers.read_text(Path(data.path) if data.path else None, min_chars)
 
 
 def _with(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
@@ -145,8 +163,12 @@ def start(
             _spawn_workers(run_dir, job, ckpt, cfg.trainer.devices)
             report = json.loads((run_dir / rundir.REPORT).read_text())
     except BaseException as err:
-        rundir.update_manifest(run_dir, status="failed", error=_first_line(err),
-                               finished_at=rundir.finished_at())
+        rundir.update_manifest(
+            run_dir,
+            status="failed",
+            error=_first_line(err),
+            finished_at=rundir.finished_at(),
+        )
         raise
     rundir.update_manifest(run_dir, status="finished", finished_at=rundir.finished_at())
     return run_dir, report
@@ -163,7 +185,9 @@ def _start_under_launcher(cfg, overrides, job, make_dir, ckpt, env):
     backend = cfg.strategy.get("backend") or ("nccl" if on_gpu else "gloo")
     if not dist.is_initialized():
         # Lightning reuses this process group instead of making its own.
-        dist.init_process_group(backend=backend, rank=env["rank"], world_size=env["world_size"])
+        dist.init_process_group(
+            backend=backend, rank=env["rank"], world_size=env["world_size"]
+        )
     box: list[Any] = [None]
     if env["rank"] == 0:
         try:
@@ -181,7 +205,9 @@ def _start_under_launcher(cfg, overrides, job, make_dir, ckpt, env):
 
     report = execute(run_dir, job, ckpt)
     if env["rank"] == 0:
-        rundir.update_manifest(run_dir, status="finished", finished_at=rundir.finished_at())
+        rundir.update_manifest(
+            run_dir, status="finished", finished_at=rundir.finished_at()
+        )
     return run_dir, report if env["rank"] == 0 else None
 
 
@@ -205,6 +231,10 @@ def _spawn_workers(run_dir: Path, job: str, ckpt: Path | None, nproc: int) -> No
         start_method="spawn",
         local_addr="127.0.0.1",
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "workers")),
+    )
+    # Like torchrun: split the cores between the workers unless the user chose.
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))
     )
     args = ["-m", "dltrain.trainers.worker", "--job", job, str(run_dir)]
     if ckpt is not None:

@@ -53,7 +53,9 @@ class TaskModule(pl.LightningModule):
     @property
     def monitor(self) -> tuple[str, str]:
         """The validation metric that picks the best checkpoint, and its mode."""
-        return ("val_acc", "max") if self.task == CLASSIFICATION else ("val_loss", "min")
+        return (
+            ("val_acc", "max") if self.task == CLASSIFICATION else ("val_loss", "min")
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -64,7 +66,13 @@ class TaskModule(pl.LightningModule):
         self.train_loss.update(loss.detach())
         # The per-step value is this rank's; the epoch mean is synced by torchmetrics.
         self.log("train_loss_step", loss, prog_bar=True, batch_size=len(y))
-        self.log("train_loss", self.train_loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log(
+            "train_loss",
+            self.train_loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(y),
+        )
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
@@ -72,8 +80,12 @@ class TaskModule(pl.LightningModule):
         logits = self(x).float()
         self.val_loss.update(F.cross_entropy(logits, y, reduction="none"))
         self.val_acc.update(logits, y)
-        self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log(
+            "val_loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=len(y)
+        )
+        self.log(
+            "val_acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y)
+        )
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
@@ -81,20 +93,30 @@ class TaskModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         # compute() gathers the states of every rank (torchmetrics' own sync).
-        self.test_values = {k: v.detach().cpu() for k, v in self.test_metrics.compute().items()}
+        self.test_values = {
+            k: v.detach().cpu() for k, v in self.test_metrics.compute().items()
+        }
         self.test_metrics.reset()
 
     def configure_optimizers(self):
-        name, lr, decay = self.optim["name"], self.optim["lr"], self.optim["weight_decay"]
+        name, lr, decay = (
+            self.optim["name"],
+            self.optim["lr"],
+            self.optim["weight_decay"],
+        )
         if name == "sgd":
-            optimizer = torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, weight_decay=decay)
+            optimizer = torch.optim.SGD(
+                self.parameters(), lr=lr, momentum=0.9, weight_decay=decay
+            )
         elif name == "adam":
             optimizer = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=decay)
         else:
             optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=decay)
         if self.optim["scheduler"] != "cosine":
             return optimizer
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.max_epochs)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=self.max_epochs
+        )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -24,7 +24,9 @@ class PlainProgress(Callback):
         if trainer.is_global_zero:
             print(text, file=sys.stderr, flush=True)
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
         self._epoch_start = self._last = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -41,7 +43,9 @@ class PlainProgress(Callback):
             f"batch {batch_idx + 1}/{total}{loss_text}",
         )
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
         metrics = trainer.callback_metrics
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
         for key in ("train_loss", "val_loss", "val_acc"):

@@ -41,7 +41,9 @@ warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def build_datamodule(cfg: DictConfig, vocab: str | None = None) -> pl.LightningDataModule:
+def build_datamodule(
+    cfg: DictConfig, vocab: str | None = None
+) -> pl.LightningDataModule:
     """The datamodule of ``cfg.data``; ``vocab`` pins a trained model's alphabet."""
     data = cfg.data
     if data.name == "text":
@@ -93,7 +95,10 @@ def build_net(cfg: DictConfig, info: DataInfo) -> torch.nn.Module:
 
 
 def build_module(cfg: DictConfig, info: DataInfo) -> TaskModule:
-    meta = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "data": asdict(info)}
+    meta = {
+        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        "data": asdict(info),
+    }
     return TaskModule(
         build_net(cfg, info),
         task=info.task,
@@ -104,7 +109,9 @@ def build_module(cfg: DictConfig, info: DataInfo) -> TaskModule:
     )
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, monitor: tuple[str, str]) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, monitor: tuple[str, str]
+) -> pl.Trainer:
     """A Lightning Trainer for the configured strategy, logging into ``run_dir``."""
     t = cfg.trainer
     if cfg.strategy.name == "ddp":
@@ -151,10 +158,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = (
+            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        )
         raise ConfigError(f"{path}: not a loadable checkpoint ({first})") from None
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
-        raise ConfigError(f"{path}: not a dltrain checkpoint (no '{CHECKPOINT_KEY}' entry)")
+        raise ConfigError(
+            f"{path}: not a dltrain checkpoint (no '{CHECKPOINT_KEY}' entry)"
+        )
     return checkpoint
 
 
@@ -172,7 +183,9 @@ def load_weights(module: TaskModule, checkpoint: dict[str, Any], path: Path) -> 
         module.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0]
-        raise ConfigError(f"{path}: its weights do not fit this model ({first})") from None
+        raise ConfigError(
+            f"{path}: its weights do not fit this model ({first})"
+        ) from None
 
 
 def execute(run_dir: Path, job: str, ckpt: Path | None = None) -> dict[str, Any]:

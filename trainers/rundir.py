@@ -26,7 +26,14 @@ from dltrain.trainers.schema import validate
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
 REPORT = "report.json"
-PACKAGES = ("dltrain", "torch", "pytorch-lightning", "torchmetrics", "hydra-core", "numpy")
+PACKAGES = (
+    "dltrain",
+    "torch",
+    "pytorch-lightning",
+    "torchmetrics",
+    "hydra-core",
+    "numpy",
+)
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
@@ -40,7 +47,10 @@ def new_run_dir(cfg: DictConfig) -> Path:
             )
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = Path(cfg.run.root).expanduser() / f"{cfg.run.name or cfg.experiment}_{stamp}"
+        base = (
+            Path(cfg.run.root).expanduser()
+            / f"{cfg.run.name or cfg.experiment}_{stamp}"
+        )
         path, n = base, 1
         while path.exists():
             n += 1
@@ -48,7 +58,9 @@ def new_run_dir(cfg: DictConfig) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"run.dir={path}: cannot create it ({err.strerror})") from None
+        raise ConfigError(
+            f"run.dir={path}: cannot create it ({err.strerror})"
+        ) from None
     if not os.access(path, os.W_OK):
         raise ConfigError(f"run.dir={path} is not writable; choose another run.dir")
     return path.resolve()

@@ -250,7 +250,11 @@ def _check_values(cfg: DictConfig) -> None:
             f"and trainer.num_nodes={trainer.num_nodes} ask for {world}; "
             "add strategy=ddp, or set trainer.devices=1"
         )
-    if cfg.strategy.name == "ddp" and cfg.strategy.backend not in (None, "gloo", "nccl"):
+    if cfg.strategy.name == "ddp" and cfg.strategy.backend not in (
+        None,
+        "gloo",
+        "nccl",
+    ):
         raise ConfigError(
             f"strategy.backend={cfg.strategy.backend!r} is not supported; "
             "choose gloo, nccl or null (nccl on GPU, gloo on CPU)"

@@ -1,0 +1,71 @@
+"""Shared fixtures: the real data folder and the real `dltrain` entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# One setting finds the real data: DLTRAIN_DATA, by default ../shared/data.
+DATA = Path(os.environ.get("DLTRAIN_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not DATA.is_dir():
+        pytest.fail(f"real data folder {DATA} is missing; set DLTRAIN_DATA to its path")
+    return DATA
+
+
+def dltrain_exe() -> str:
+    """The installed console script, next to this interpreter."""
+    exe = Path(sys.executable).with_name("dltrain")
+    return str(exe) if exe.exists() else shutil.which("dltrain") or "dltrain"
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.code = proc.returncode
+        self.out = proc.stdout
+        self.err = proc.stderr
+
+    def json(self) -> dict:
+        return json.loads(self.out)
+
+    def __repr__(self) -> str:
+        return f"exit {self.code}\n--- stdout\n{self.out[-3000:]}\n--- stderr\n{self.err[-3000:]}"
+
+
+def run_dltrain(
+    *args: str, cwd: Path, timeout: float = 600, env: dict | None = None
+) -> Result:
+    """Run the real `dltrain` command, as a user would, in ``cwd``."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "default", **(env or {})}
+    full_env.pop("COLUMNS", None)
+    proc = subprocess.run(
+        [dltrain_exe(), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        stdin=subprocess.DEVNULL,
+    )
+    return Result(proc)
+
+
+@pytest.fixture
+def dltrain(tmp_path: Path):
+    """``dltrain(*args)`` runs the CLI in a fresh folder and returns a Result."""
+
+    def call(*args: str, timeout: float = 600, env: dict | None = None) -> Result:
+        return run_dltrain(*args, cwd=tmp_path, timeout=timeout, env=env)
+
+    call.cwd = tmp_path
+    return call

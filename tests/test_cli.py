@@ -1,0 +1,226 @@
+"""The real `dltrain` entry point: help, version, config show, and bad input.
+
+Every bad input must give one line naming the problem and the fix, exit code 2,
+no traceback, and leave earlier files untouched.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import dltrain_exe
+
+TINY = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+]
+
+
+def _modules_loaded_by(*argv: str) -> str:
+    """Run the CLI in a fresh interpreter; report whether torch or Lightning got imported."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('HEAVY' if {'torch', 'pytorch_lightning'} & "
+        "set(sys.modules) else 'LIGHT', file=sys.stderr))\n"
+        f"sys.argv = ['dltrain', *{list(argv)!r}]\n"
+        "from dltrain.cli.app import main\nmain()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["eval", "--help"]])
+def test_help_does_not_import_torch_or_lightning(argv):
+    output = _modules_loaded_by(*argv)
+    assert "Usage: dltrain" in output
+    assert output.rstrip().endswith("LIGHT")
+
+
+def test_version(dltrain):
+    from importlib.metadata import version
+
+    result = dltrain("--version")
+    assert result.code == 0 and result.out.strip() == f"dltrain {version('dltrain')}"
+
+
+def test_config_show_composes_file_and_overrides(dltrain):
+    exp = dltrain.cwd / "exp.yaml"
+    exp.write_text("defaults:\n  - override /model: rnn\ntrainer:\n  max_epochs: 3\n")
+    result = dltrain("config", "show", "--config", str(exp), "model.hidden_size=16")
+    assert result.code == 0, result
+    cfg = yaml.safe_load(result.out)
+    assert cfg["model"] == {
+        "name": "rnn",
+        "cell": "lstm",
+        "embed_dim": 32,
+        "hidden_size": 16,
+        "num_layers": 1,
+        "dropout": 0.0,
+    }
+    assert cfg["trainer"]["max_epochs"] == 3 and cfg["data"]["name"] == "digits"
+
+
+def _write_idx(
+    path: Path, magic: bytes, dims: list[int], payload: bytes, gz: bool
+) -> None:
+    raw = magic + b"".join(d.to_bytes(4, "big") for d in dims) + payload
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (arguments, text the error must contain)."""
+    empty = tmp / "empty_dir"
+    empty.mkdir()
+    wrong_magic = tmp / "wrong_magic"
+    wrong_magic.mkdir()
+    _write_idx(
+        wrong_magic / "t10k-images-idx3-ubyte.gz",
+        b"\x00\x00\x08\x01",
+        [4, 28, 28],
+        bytes(4 * 784),
+        True,
+    )
+    _write_idx(
+        wrong_magic / "t10k-labels-idx1-ubyte.gz",
+        b"\x00\x00\x08\x01",
+        [4],
+        bytes(4),
+        True,
+    )
+    truncated = tmp / "truncated"
+    truncated.mkdir()
+    _write_idx(
+        truncated / "t10k-images-idx3-ubyte",
+        b"\x00\x00\x08\x03",
+        [4, 28, 28],
+        bytes(3 * 784),
+        False,
+    )
+    _write_idx(
+        truncated / "t10k-labels-idx1-ubyte", b"\x00\x00\x08\x01", [4], bytes(4), False
+    )
+    (tmp / "empty.txt").write_text("")
+    (tmp / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin-1") * 500)
+    not_a_run = tmp / "not_a_run"
+    not_a_run.mkdir()
+    rnn = ["model=rnn", "data=text"]
+    return {
+        "unknown group option": (
+            ["fit", "model=resnet"],
+            "model='resnet' is not a known model; choose one of: cnn, rnn",
+        ),
+        "unknown key": (
+            ["fit", "trainer.epochs=3"],
+            "unknown config key 'trainer.epochs'",
+        ),
+        "wrong type": (["fit", "trainer.max_epochs=ten"], "trainer.max_epochs"),
+        "missing config file": (
+            ["fit", "--config", str(tmp / "nope.yaml")],
+            "nope.yaml: no such file",
+        ),
+        "mnist without root": (["fit", "data=mnist"], "data=mnist needs data.root"),
+        "missing data folder": (
+            ["fit", "data=mnist", f"data.root={tmp / 'absent'}"],
+            "is not a folder",
+        ),
+        "folder without IDX": (
+            ["fit", "data=mnist", f"data.root={empty}"],
+            "t10k-images-idx3-ubyte",
+        ),
+        "IDX wrong magic": (
+            ["fit", "data=mnist", f"data.root={wrong_magic}"],
+            "not an IDX file of 3 dimension(s) (magic number 0x00000801; expected 0x00000803)",
+        ),
+        "IDX truncated": (["fit", "data=mnist", f"data.root={truncated}"], "truncated"),
+        "missing text file": (
+            ["fit", *rnn, f"data.path={tmp / 'absent.txt'}"],
+            "no such file",
+        ),
+        "empty text file": (
+            ["fit", *rnn, f"data.path={tmp / 'empty.txt'}"],
+            "holds 0 characters",
+        ),
+        "undecodable text": (
+            ["fit", *rnn, f"data.path={tmp / 'latin1.txt'}"],
+            "not UTF-8 text (byte 0xe9 at offset 3)",
+        ),
+        "eval not a run": (["eval", str(not_a_run)], "is not a dltrain run"),
+        "eval missing folder": (
+            ["eval", str(tmp / "absent_run")],
+            "no such run directory",
+        ),
+        "eval nothing": (["eval"], "give a run directory"),
+        "too many devices": (
+            ["fit", "strategy=ddp", f"trainer.devices={(os.cpu_count() or 1) + 1}"],
+            "but this machine has",
+        ),
+        "gpu without gpu": (
+            ["fit", "trainer.accelerator=gpu"],
+            "no CUDA GPU is visible",
+        ),
+    }
+
+
+def test_every_bad_input_exits_2_with_a_message(dltrain):
+    cases = _bad_inputs(dltrain.cwd)
+    for name, (args, expected) in cases.items():
+        result = dltrain(*args, timeout=120)
+        assert result.code == 2, f"{name}: {result}"
+        assert expected in result.err, f"{name}: {result}"
+        assert result.err.startswith("error: "), f"{name}: {result}"
+        assert "Traceback" not in result.err, f"{name}: {result}"
+    assert not (dltrain.cwd / "runs").exists(), "a refused run must not leave a folder"
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_checkpoint_of_another_model_and_reused_run_dir(dltrain):
+    cnn = dltrain("fit", "run.dir=cnn_run", *TINY)
+    assert cnn.code == 0, cnn
+    rnn = dltrain("fit", "run.dir=rnn_run", "model=rnn", *TINY)
+    assert rnn.code == 0, rnn
+    before = _digest(dltrain.cwd / "cnn_run")
+
+    other = dltrain("eval", "cnn_run", "--ckpt", "rnn_run/checkpoints/last.ckpt")
+    assert other.code == 2, other
+    assert "holds a model=rnn" in other.err and "asks for model=cnn" in other.err
+
+    again = dltrain("fit", "run.dir=cnn_run", *TINY)
+    assert again.code == 2, again
+    assert "run.dir=" in again.err and "already holds a run" in again.err
+
+    garbage = dltrain.cwd / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    broken = dltrain("eval", "cnn_run", "--ckpt", str(garbage))
+    assert broken.code == 2 and "not a loadable checkpoint" in broken.err, broken
+
+    changed = dltrain("eval", "cnn_run", "model.hidden=64")
+    assert changed.code == 2 and "asks for model=cnn" in changed.err, changed
+
+    after = _digest(dltrain.cwd / "cnn_run")
+    assert {k: v for k, v in after.items() if not k.startswith("eval/")} == before
+
+
+def test_debug_shows_the_traceback(dltrain):
+    result = dltrain("--debug", "fit", "model=resnet")
+    assert result.code != 0 and "Traceback" in result.err
+
+
+def test_entry_point_is_installed():
+    assert Path(dltrain_exe()).exists()
