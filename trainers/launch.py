@@ -183,6 +183,12 @@ def _start_under_launcher(cfg, overrides, job, make_dir, ckpt, env):
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     backend = cfg.strategy.get("backend") or ("nccl" if on_gpu else "gloo")
+    if "MASTER_ADDR" not in os.environ:  # srun sets no rendezvous address: derive it
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        slurm = SLURMEnvironment()
+        os.environ["MASTER_ADDR"] = slurm.main_address
+        os.environ["MASTER_PORT"] = str(slurm.main_port)
     if not dist.is_initialized():
         # Lightning reuses this process group instead of making its own.
         dist.init_process_group(
