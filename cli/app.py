@@ -176,30 +176,29 @@ def evaluate(
             "give a run directory (dltrain eval RUN) or a checkpoint (--ckpt FILE)"
         )
 
+    from omegaconf import OmegaConf
+
     from dltrain.cli.compose import apply_overrides
     from dltrain.trainers import rundir
+    from dltrain.trainers.checkpoint import CHECKPOINT_KEY, check_model, read_checkpoint
     from dltrain.trainers.launch import start
-    from dltrain.trainers.run import read_checkpoint
+    from dltrain.trainers.schema import validate
 
     _quiet_libraries()
     if run is not None:
         if not run.is_dir():
             raise ConfigError(f"{run}: no such run directory")
         saved = rundir.load_config(run)
-        if ckpt is None:
-            ckpt = _best_checkpoint(run)
+        ckpt = ckpt or _best_checkpoint(run)
+        checkpoint = read_checkpoint(ckpt)
         out = run / "eval"
     else:
-        from omegaconf import OmegaConf
-
-        from dltrain.trainers.module import CHECKPOINT_KEY
-        from dltrain.trainers.schema import validate
-
-        saved = validate(
-            OmegaConf.create(read_checkpoint(ckpt)[CHECKPOINT_KEY]["config"])
-        )
+        checkpoint = read_checkpoint(ckpt)
+        saved = validate(OmegaConf.create(checkpoint[CHECKPOINT_KEY]["config"]))
         out = Path(saved.run.root) / "eval"
     cfg = apply_overrides(saved, overrides or [])
+    model = OmegaConf.to_container(cfg.model, enum_to_str=True)
+    check_model(checkpoint, model, ckpt)  # before any folder or process is made
 
     def make_eval_dir(_cfg):
         from datetime import datetime

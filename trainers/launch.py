@@ -146,35 +146,41 @@ def start(
     ``make_dir(cfg)`` makes the run directory (on one process only). Returns the
     run directory and the report (``None`` on ranks other than 0).
     """
+    from dltrain.trainers.run import execute
+
     cfg = preflight(cfg)
     env = launcher_env()
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     if env is not None and env["world_size"] > 1:
-        return _start_under_launcher(cfg, overrides, job, make_dir, ckpt, env)
-
-    run_dir = make_dir(cfg)
-    rundir.write_run(run_dir, cfg, overrides, world, job)
+        run_dir = _shared_run_dir(cfg, overrides, job, make_dir, env)
+        rank_zero = env["rank"] == 0
+    else:
+        run_dir = make_dir(cfg)
+        rundir.write_run(run_dir, cfg, overrides, world, job)
+        rank_zero = True
     try:
-        if world == 1:
-            from dltrain.trainers.run import execute
-
-            report = execute(run_dir, job, ckpt)
-        else:
+        if world > 1 and env is None:
             _spawn_workers(run_dir, job, ckpt, cfg.trainer.devices)
             report = json.loads((run_dir / rundir.REPORT).read_text())
+        else:
+            report = execute(run_dir, job, ckpt)
     except BaseException as err:
-        rundir.update_manifest(
-            run_dir,
-            status="failed",
-            error=_first_line(err),
-            finished_at=rundir.finished_at(),
-        )
+        if rank_zero:
+            rundir.update_manifest(
+                run_dir,
+                status="failed",
+                error=_first_line(err),
+                finished_at=rundir.finished_at(),
+            )
         raise
-    rundir.update_manifest(run_dir, status="finished", finished_at=rundir.finished_at())
-    return run_dir, report
+    if rank_zero:
+        rundir.update_manifest(
+            run_dir, status="finished", finished_at=rundir.finished_at()
+        )
+    return run_dir, report if rank_zero else None
 
 
-def _start_under_launcher(cfg, overrides, job, make_dir, ckpt, env):
+def _shared_run_dir(cfg, overrides, job, make_dir, env) -> Path:
     """torchrun/srun: rank 0 makes the run directory, every rank learns its path."""
     import torch
     import torch.distributed as dist
@@ -202,19 +208,10 @@ def _start_under_launcher(cfg, overrides, job, make_dir, ckpt, env):
             box[0] = str(run_dir)
         except ConfigError as err:
             box[0] = err
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0)  # a refusal on rank 0 ends every rank
     if isinstance(box[0], ConfigError):
         raise box[0]
-    run_dir = Path(box[0])
-
-    from dltrain.trainers.run import execute
-
-    report = execute(run_dir, job, ckpt)
-    if env["rank"] == 0:
-        rundir.update_manifest(
-            run_dir, status="finished", finished_at=rundir.finished_at()
-        )
-    return run_dir, report if env["rank"] == 0 else None
+    return Path(box[0])
 
 
 def _spawn_workers(run_dir: Path, job: str, ckpt: Path | None, nproc: int) -> None:

@@ -12,8 +12,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from dltrain.metrics.tasks import CLASSIFICATION, build_metrics, update_metrics
-
-CHECKPOINT_KEY = "dltrain"
+from dltrain.trainers.checkpoint import CHECKPOINT_KEY
 
 
 class TaskModule(pl.LightningModule):

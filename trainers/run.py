@@ -28,8 +28,9 @@ from dltrain.metrics.tasks import summarize
 from dltrain.models.cnn import CNN
 from dltrain.models.rnn import BiRNN
 from dltrain.trainers import rundir
+from dltrain.trainers.checkpoint import CHECKPOINT_KEY, check_model, read_checkpoint
 from dltrain.trainers.errors import ConfigError
-from dltrain.trainers.module import CHECKPOINT_KEY, TaskModule
+from dltrain.trainers.module import TaskModule
 from dltrain.trainers.progress import progress_callbacks
 
 log = logging.getLogger(__name__)
@@ -151,34 +152,9 @@ def build_trainer(
     )
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A dltrain checkpoint, loaded without running code from it."""
-    if not path.is_file():
-        raise ConfigError(f"--ckpt {path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file
-        first = (
-            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        )
-        raise ConfigError(f"{path}: not a loadable checkpoint ({first})") from None
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
-        raise ConfigError(
-            f"{path}: not a dltrain checkpoint (no '{CHECKPOINT_KEY}' entry)"
-        )
-    return checkpoint
-
-
 def load_weights(module: TaskModule, checkpoint: dict[str, Any], path: Path) -> None:
     """Load a checkpoint's weights, naming the mismatch if its model differs."""
-    trained = checkpoint[CHECKPOINT_KEY]["config"]["model"]
-    wanted = module.checkpoint_meta["config"]["model"]
-    if trained != wanted:
-        raise ConfigError(
-            f"{path} holds a model={trained.get('name')} trained with {trained}, but this "
-            f"run asks for model={wanted.get('name')} with {wanted}; drop the model "
-            "overrides or evaluate the checkpoint's own run"
-        )
+    check_model(checkpoint, module.checkpoint_meta["config"]["model"], path)
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as err:
