@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -84,28 +85,39 @@ def _errors_to_exit_codes(command):
         except (ConfigError, DataError) as err:
             if State.debug:
                 raise
-            typer.echo(f"error: {err}", err=True)
+            if os.environ.get("RANK", "0") == "0":  # every rank sees the same mistake
+                typer.echo(f"error: {err}", err=True)
             raise typer.Exit(USAGE_ERROR) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
         except Exception as err:
-            from dltrain.trainers.launch import WorkersFailed
+            from dltrain.trainers.launch import Interrupted, WorkersFailed
 
+            if isinstance(err, Interrupted):
+                typer.echo(f"{err}; the run directory records it", err=True)
+                raise typer.Exit(128 + err.signum) from None
             if State.debug:
                 raise
-            code = err.exitcode if isinstance(err, WorkersFailed) else 1
-            if not (isinstance(err, WorkersFailed) and code == USAGE_ERROR):
-                typer.echo(f"error: {type(err).__name__}: {err}", err=True)
-                typer.echo("(run with --debug for the traceback)", err=True)
-            raise typer.Exit(code) from None
+            if isinstance(err, WorkersFailed):
+                if err.exitcode != USAGE_ERROR:  # rank 0 printed a usage error already
+                    typer.echo(f"error: {err}", err=True)
+                raise typer.Exit(
+                    USAGE_ERROR if err.exitcode == USAGE_ERROR else 1
+                ) from None
+            typer.echo(f"error: {type(err).__name__}: {_first_line(err)}", err=True)
+            typer.echo("(run with --debug for the traceback)", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
 
-def _quiet_libraries() -> None:
-    import os
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
+
+def _quiet_libraries() -> None:
     from dltrain.trainers.logs import quiet_libraries
 
     quiet_libraries(State.debug)
@@ -204,7 +216,13 @@ def evaluate(
         from datetime import datetime
 
         path = out / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        path.mkdir(parents=True)
+        try:
+            path.mkdir(parents=True)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot write the eval folder {path} ({err.strerror}); "
+                "copy the run somewhere writable, or use --ckpt FILE from another folder"
+            ) from None
         return path.resolve()
 
     run_dir, report = start(
@@ -222,6 +240,113 @@ def _best_checkpoint(run: Path) -> Path:
     raise ConfigError(
         f"{run} has no checkpoint (checkpoints/best.ckpt or last.ckpt); "
         "did its fit finish? Give one with --ckpt FILE"
+    )
+
+
+@app.command(context_settings=OVERRIDES)
+@_errors_to_exit_codes
+def cv(
+    folds: Annotated[int, typer.Option("--folds", "-k", help="Number of folds (K).")],
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Stratified K-fold cross-validation over train+val; test split held out.
+
+    Example: dltrain cv --folds 5 trainer.max_epochs=10
+    """
+    from dltrain.cli.compose import compose
+
+    cfg, applied = compose(config, overrides or [])
+    _quiet_libraries()
+
+    from dltrain.trainers.cv import run_cv
+
+    parent, report = run_cv(cfg, applied, folds)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        from rich.console import Console
+
+        from dltrain.metrics.render import print_cv
+
+        print_cv(report, Console())
+    typer.echo(f"cv directory: {parent}", err=True)
+
+
+@app.command(name="report")
+@_errors_to_exit_codes
+def report_command(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run, eval or cv folders (or report files).")
+    ],
+    as_json: JsonFlag = False,
+) -> None:
+    """Show the saved report of one run, or several runs side by side.
+
+    Nothing is recomputed: the reports are read from the run folders.
+    Example: dltrain report runs/a runs/b --json
+    """
+    from dltrain.trainers.errors import ConfigError
+
+    reports = [_read_report(path) for path in runs]
+    tasks = {report["task"] for report in reports}
+    if len(tasks) > 1:
+        raise ConfigError(
+            f"cannot compare runs of different tasks ({', '.join(sorted(tasks))}); "
+            "give runs of one task"
+        )
+    from rich.console import Console
+
+    from dltrain.metrics.aggregate import headline
+    from dltrain.metrics.render import print_comparison, print_cv, print_report
+
+    if len(reports) == 1:
+        if as_json:
+            sys.stdout.write(json.dumps(reports[0], indent=2) + "\n")
+        elif "per_fold" in reports[0]:
+            print_cv(reports[0], Console())
+        else:
+            print_report(reports[0], Console())
+        return
+    names = [str(path) for path in runs]
+    metrics = [headline(report) for report in reports]
+    if as_json:
+        rows = [
+            {"run": name, "task": report["task"], "metrics": values}
+            for name, report, values in zip(names, reports, metrics, strict=True)
+        ]
+        sys.stdout.write(json.dumps({"runs": rows}, indent=2) + "\n")
+    else:
+        print_comparison(names, metrics, Console())
+
+
+def _read_report(path: Path) -> dict:
+    from dltrain.trainers.errors import ConfigError
+
+    candidates = (
+        [path] if path.is_file() else [path / "report.json", path / "cv_report.json"]
+    )
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                report = json.loads(candidate.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ConfigError(
+                    f"{candidate}: not a readable report ({err})"
+                ) from None
+            if (
+                not isinstance(report, dict)
+                or "task" not in report
+                or "metrics" not in report
+            ):
+                raise ConfigError(
+                    f"{candidate}: not a dltrain report (no task or metrics)"
+                )
+            return report
+    raise ConfigError(
+        f"{path} has no report (report.json or cv_report.json); "
+        "give a finished run, eval or cv folder"
     )
 
 

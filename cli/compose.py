@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dltrain.trainers.errors import ConfigError
 from dltrain.trainers.schema import GROUPS, validate
@@ -28,12 +28,19 @@ def compose(
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    for override in overrides:
+        if override.startswith("-"):
+            raise ConfigError(
+                f"unknown option {override!r}; options go before the overrides, "
+                "see --help"
+            )
     file_overrides = experiment_overrides(config_file) if config_file else []
     all_overrides = file_overrides + list(overrides)
     try:
         with initialize_config_module("dltrain.configs", version_base="1.3"):
             cfg = hydra_compose("config", overrides=all_overrides)
-    except (HydraException, OmegaConfBaseException) as err:
+        OmegaConf.to_container(cfg, resolve=True)  # surface bad ${...} now
+    except (HydraException, OmegaConfBaseException, ValueError, TypeError) as err:
         raise ConfigError(_hydra_message(err, config_file, file_overrides)) from None
     return validate(cfg), all_overrides
 
@@ -45,6 +52,8 @@ def experiment_overrides(path: Path) -> list[str]:
     ``defaults:`` list with ``- model: rnn`` / ``- override /model: rnn``) and
     set values (nested mappings such as ``trainer: {max_epochs: 3}``).
     """
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; give an experiment YAML file")
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
@@ -59,7 +68,12 @@ def experiment_overrides(path: Path) -> list[str]:
         )
     choices: list[str] = []
     values: list[str] = []
-    for entry in content.pop("defaults", None) or []:
+    defaults = content.pop("defaults", None) or []
+    if not isinstance(defaults, list):
+        raise ConfigError(
+            f"--config {path}: defaults must be a list such as '- model: rnn'"
+        )
+    for entry in defaults:
         if entry == "_self_":
             continue
         if not isinstance(entry, dict) or len(entry) != 1:
@@ -72,6 +86,11 @@ def experiment_overrides(path: Path) -> list[str]:
     for key, value in content.items():
         if key in GROUPS and isinstance(value, str):
             choices.append(f"{key}={value}")
+        elif key in GROUPS and not isinstance(value, dict):
+            raise ConfigError(
+                f"--config {path}: {key}: {value!r} should name an option "
+                f"({key}: {next(iter(GROUPS[key]))}) or set values ({key}: {{...}})"
+            )
         else:
             values += _flatten(str(key), value)
     return choices + values
@@ -118,9 +137,10 @@ def _hydra_message(
         key = first.split("'")[1]
         from_this_file = any(o.startswith(key + "=") for o in from_file)
         where = f" (from --config {config_file})" if from_this_file else ""
+        hint = "" if "." in key else f", or add a new top-level key with +{key}=VALUE"
         return (
             f"unknown config key {key!r}{where}; check the spelling with "
-            f"`dltrain config show`, or add a new key with +{key}=VALUE"
+            f"`dltrain config show`{hint}"
         )
     return " ".join(lines[:3])
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import (
@@ -28,6 +27,7 @@ from dltrain.data.readers import (
     read_text,
     text_min_chars,
 )
+from dltrain.data.splits import split_indices
 
 
 @dataclass
@@ -77,13 +77,15 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
+        # Permutations are drawn one at a time, so a large num_samples costs no memory.
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         total = self.per_rank * self.world_size
-        draws = []
-        while sum(len(d) for d in draws) < total:
-            draws.append(torch.randperm(self.length, generator=generator))
-        order = torch.cat(draws)[:total]
-        return iter(order[self.rank :: self.world_size].tolist())
+        position = 0
+        while position < total:
+            chunk = torch.randperm(self.length, generator=generator)[: total - position]
+            first = (self.rank - position) % self.world_size
+            yield from chunk[first :: self.world_size].tolist()
+            position += len(chunk)
 
     def __len__(self) -> int:
         return self.per_rank
@@ -98,6 +100,7 @@ class _ShardedDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int, num_workers: int, seed: int):
         super().__init__()
+        self.eval_split = "test"  # what `trainer.test` evaluates: "test" or "val"
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -131,9 +134,8 @@ class _ShardedDataModule(pl.LightningDataModule):
         )
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(
-            self.test_set, ShardSampler(len(self.test_set), *self._rank_world())
-        )
+        dataset = self.val_set if self.eval_split == "val" else self.test_set
+        return self._loader(dataset, ShardSampler(len(dataset), *self._rank_world()))
 
 
 class ImageDataModule(_ShardedDataModule):
@@ -147,28 +149,13 @@ class ImageDataModule(_ShardedDataModule):
         test_fraction: float,
         seed: int,
         num_workers: int = 0,
+        fold: int | None = None,
+        folds: int | None = None,
     ):
         super().__init__(batch_size, num_workers, seed)
-        from sklearn.model_selection import train_test_split
-
-        index = np.arange(len(images.labels))
-        try:
-            rest, test = train_test_split(
-                index,
-                test_size=test_fraction,
-                stratify=images.labels,
-                random_state=seed,
-            )
-            train, val = train_test_split(
-                rest,
-                test_size=val_fraction / (1.0 - test_fraction),
-                stratify=images.labels[rest],
-                random_state=seed,
-            )
-        except ValueError as err:
-            raise DataError(
-                f"{images.source}: cannot split into train/val/test: {err}"
-            ) from None
+        train, val, test = split_indices(
+            images.labels, val_fraction, test_fraction, seed, fold, folds
+        )
         x = torch.from_numpy(images.images)
         y = torch.from_numpy(images.labels)
         self.train_set = TensorDataset(x[train], y[train])

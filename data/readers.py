@@ -123,10 +123,10 @@ def load_mnist(root: Path) -> ImageSet:
             raise DataError(
                 f"{image_path} holds {len(x)} images but {label_path} {len(y)} labels"
             )
-        if len(y) and int(y.max()) > 9:
-            raise DataError(
-                f"{label_path}: labels must be digits 0..9, found {int(y.max())}"
-            )
+        if len(y) and (int(y.max()) > 9 or int(y.min()) < 0):
+            bad = int(y.max()) if int(y.max()) > 9 else int(y.min())
+            raise DataError(f"{label_path}: labels must be digits 0..9, found {bad}")
+
         images.append(x)
         labels.append(y)
     x = np.concatenate(images).astype(np.float32)[:, None, :, :] / 255.0
@@ -157,6 +157,8 @@ def read_text(path: Path | None, min_chars: int) -> tuple[str, str]:
                 f"data.window needs at least {min_chars}: lower data.window"
             )
         return text, source
+    if path.is_dir():
+        raise DataError(f"data.path={path} is a folder; give a UTF-8 text file")
     if not path.is_file():
         raise DataError(f"data.path={path}: no such file; give a UTF-8 text file")
     try:

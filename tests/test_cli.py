@@ -113,6 +113,30 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     (tmp / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin-1") * 500)
     not_a_run = tmp / "not_a_run"
     not_a_run.mkdir()
+    (tmp / "one_char.txt").write_text("a" * 5000)
+    negative = tmp / "negative_labels"
+    negative.mkdir()
+    _write_idx(
+        negative / "t10k-images-idx3-ubyte",
+        b"\x00\x00\x08\x03",
+        [2, 28, 28],
+        bytes(2 * 784),
+        False,
+    )
+    _write_idx(
+        negative / "t10k-labels-idx1-ubyte",
+        b"\x00\x00\x09\x01",
+        [2],
+        b"\xff\x01",
+        False,
+    )
+    bad_defaults = tmp / "bad_defaults.yaml"
+    bad_defaults.write_text("defaults: 5\n")
+    bad_group = tmp / "bad_group.yaml"
+    bad_group.write_text("model: 5\n")
+    broken_run = tmp / "broken_run"
+    broken_run.mkdir()
+    (broken_run / "config.yaml").write_text("model: [unclosed\n")
     rnn = ["model=rnn", "data=text"]
     return {
         "unknown group option": (
@@ -168,6 +192,69 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
             ["fit", "trainer.accelerator=gpu"],
             "no CUDA GPU is visible",
         ),
+        "nodes without launcher": (
+            ["fit", "strategy=ddp", "trainer.num_nodes=2"],
+            "trainer.num_nodes=2 needs a launcher",
+        ),
+        "override without key": (["fit", "=5"], "error: "),
+        "unresolvable interpolation": (
+            ["fit", "trainer.max_epochs=${nope}"],
+            "Interpolation key 'nope' not found",
+        ),
+        "nan learning rate": (
+            ["fit", "optim.lr=nan"],
+            "optim.lr=nan must be a finite number",
+        ),
+        "negative weight decay": (
+            ["fit", "optim.weight_decay=-1"],
+            "optim.weight_decay=-1.0 must be",
+        ),
+        "negative seed": (
+            ["fit", "seed=-1"],
+            "seed=-1 must be between 0 and 2**32 - 1",
+        ),
+        "experiment with a path": (
+            ["fit", "experiment=../../escaped"],
+            "use a plain name without slashes",
+        ),
+        "misspelled option": (["fit", "--jsn"], "unknown option '--jsn'"),
+        "nested new key": (
+            ["fit", "+trainer.foo=1"],
+            "unknown config key 'trainer.foo'",
+        ),
+        "config is a folder": (
+            ["fit", "--config", str(empty)],
+            "is a folder; give an experiment YAML file",
+        ),
+        "defaults not a list": (
+            ["fit", "--config", str(bad_defaults)],
+            "defaults must be a list",
+        ),
+        "group value not a name": (
+            ["fit", "--config", str(bad_group)],
+            "model: 5 should name an option",
+        ),
+        "text path is a folder": (
+            ["fit", *rnn, f"data.path={empty}"],
+            "is a folder; give a UTF-8 text file",
+        ),
+        "one distinct character": (
+            ["fit", *rnn, f"data.path={tmp / 'one_char.txt'}", "data.window=8"],
+            "single distinct character",
+        ),
+        "negative labels": (
+            ["fit", "data=mnist", f"data.root={negative}"],
+            "labels must be digits 0..9, found -1",
+        ),
+        "splits too small": (
+            ["fit", "data.val_fraction=0.001"],
+            "cannot split 1797 samples of 10 classes",
+        ),
+        "eval broken config": (["eval", str(broken_run)], "is not a readable config"),
+        "run.dir not empty": (
+            ["fit", f"run.dir={not_a_run.parent}"],
+            "is a folder with other files in it",
+        ),
     }
 
 
@@ -179,7 +266,15 @@ def test_every_bad_input_exits_2_with_a_message(dltrain):
         assert expected in result.err, f"{name}: {result}"
         assert result.err.startswith("error: "), f"{name}: {result}"
         assert "Traceback" not in result.err, f"{name}: {result}"
+        assert result.out == "", f"{name}: stdout must stay empty: {result}"
     assert not (dltrain.cwd / "runs").exists(), "a refused run must not leave a folder"
+
+
+def test_new_top_level_keys_are_kept_as_notes(dltrain):
+    result = dltrain("config", "show", "+note=baseline", "+tags=[a,b]")
+    assert result.code == 0, result
+    cfg = yaml.safe_load(result.out)
+    assert cfg["note"] == "baseline" and cfg["tags"] == ["a", "b"]
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -200,6 +295,7 @@ def test_checkpoint_of_another_model_and_reused_run_dir(dltrain):
     other = dltrain("eval", "cnn_run", "--ckpt", "rnn_run/checkpoints/last.ckpt")
     assert other.code == 2, other
     assert "holds a model=rnn" in other.err and "asks for model=cnn" in other.err
+    assert "eval:" not in other.err  # refused before anything started
 
     again = dltrain("fit", "run.dir=cnn_run", *TINY)
     assert again.code == 2, again
@@ -209,12 +305,18 @@ def test_checkpoint_of_another_model_and_reused_run_dir(dltrain):
     garbage.write_bytes(b"not a checkpoint at all")
     broken = dltrain("eval", "cnn_run", "--ckpt", str(garbage))
     assert broken.code == 2 and "not a loadable checkpoint" in broken.err, broken
+    assert "weights_only" not in broken.err  # torch's unsafe advice is not passed on
+    truncated = dltrain.cwd / "truncated.ckpt"
+    truncated.write_bytes(
+        (dltrain.cwd / "cnn_run/checkpoints/last.ckpt").read_bytes()[:5000]
+    )
+    cut = dltrain("eval", "cnn_run", "--ckpt", str(truncated))
+    assert cut.code == 2 and "truncated, corrupt" in cut.err, cut
 
     changed = dltrain("eval", "cnn_run", "model.hidden=64")
     assert changed.code == 2 and "asks for model=cnn" in changed.err, changed
 
-    after = _digest(dltrain.cwd / "cnn_run")
-    assert {k: v for k, v in after.items() if not k.startswith("eval/")} == before
+    assert _digest(dltrain.cwd / "cnn_run") == before  # no eval folder was even made
 
 
 def test_debug_shows_the_traceback(dltrain):

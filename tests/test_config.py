@@ -26,7 +26,7 @@ def test_default_is_cnn_on_digits_single_device():
 
 def test_each_data_set_brings_its_epochs_and_the_shell_wins():
     text, _ = compose(None, ["model=rnn", "data=text"])
-    assert text.trainer.max_epochs == 6 and text.optim.lr == 0.003
+    assert text.trainer.max_epochs == 5 and text.optim.lr == 0.003
     assert text.model.hidden_size == 64 and text.model.cell.value == "lstm"
     shell, _ = compose(
         None, ["model=rnn", "data=text", "trainer.max_epochs=2", "optim.lr=0.01"]

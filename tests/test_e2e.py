@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -207,3 +210,114 @@ def test_rnn_reads_digit_rows_and_text_windows(dltrain):
     )
     assert 1.0 < metrics["perplexity"] < 60, metrics  # trained a little; no leak (~1)
     assert json.loads((dltrain.cwd / "lm/report.json").read_text()) == report
+
+
+def test_srun_ranks_agree_on_one_run_directory(dltrain):
+    """Two processes started as srun would start them (SLURM's variables set by
+    hand: there is no SLURM on this machine), rendezvous on 127.0.0.1."""
+    slurm = {
+        "SLURM_JOB_ID": str(_free_port()),
+        "SLURM_JOB_NAME": "dltrain-test",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "127.0.0.1",
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [
+        dltrain_exe(),
+        "fit",
+        "strategy=ddp",
+        "trainer.max_epochs=1",
+        "experiment=srun",
+    ]
+    procs = [
+        subprocess.Popen(
+            args,
+            cwd=dltrain.cwd,
+            env={
+                **os.environ,
+                **slurm,
+                "SLURM_PROCID": str(r),
+                "SLURM_LOCALID": str(r),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], (
+        outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    )
+    runs = list((dltrain.cwd / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("srun_")
+    assert json.loads((runs[0] / "report.json").read_text())["world_size"] == 2
+    assert "classification report" in outputs[0][0] and outputs[1][0] == ""
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline and int(entry.name) != os.getpid():
+                pids.append(int(entry.name))
+    return pids
+
+
+def _start_long_fit(cwd: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    args = [
+        dltrain_exe(),
+        "fit",
+        "trainer.max_epochs=1000",
+        f"run.dir={run_dir}",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never saved a checkpoint"
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.parametrize(
+    "strategy", [["strategy=single"], ["strategy=ddp", "trainer.devices=2"]]
+)
+def test_ctrl_c_stops_every_process_and_says_so(dltrain, strategy):
+    run_dir = dltrain.cwd / "interrupted"
+    proc = _start_long_fit(dltrain.cwd, run_dir, *strategy)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted by SIGINT" in err and "Traceback" not in err
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    time.sleep(1)
+    assert _processes_mentioning(str(run_dir)) == []
+
+
+def test_killing_the_launcher_ends_its_workers(dltrain):
+    run_dir = dltrain.cwd / "orphans"
+    proc = _start_long_fit(dltrain.cwd, run_dir, "strategy=ddp", "trainer.devices=2")
+    assert len(_processes_mentioning(str(run_dir))) == 3  # the launcher and 2 workers
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while _processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_mentioning(str(run_dir)) == []

@@ -25,6 +25,11 @@ def readme_examples() -> list[str]:
     return [line for line in lines if line.startswith("dltrain ")]
 
 
+def _cv_dir(stderr: str) -> Path:
+    line = [x for x in stderr.splitlines() if x.startswith("cv directory: ")][-1]
+    return Path(line.removeprefix("cv directory: "))
+
+
 def _run_dir(stderr: str) -> Path:
     line = [x for x in stderr.splitlines() if x.startswith("run directory: ")][-1]
     return Path(line.removeprefix("run directory: "))
@@ -40,7 +45,11 @@ def test_readme_examples_run_and_meet_the_targets(tmp_path: Path, shared_data: P
 
     results = {}
     for line in examples:
-        args = shlex.split(line.replace("../shared/data", str(DATA)))[1:]
+        args = []
+        for word in shlex.split(line.replace("../shared/data", str(DATA)))[1:]:
+            # the shell would expand a glob; so do we, from the same folder
+            matches = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob(word))
+            args += matches if "*" in word else [word]
         result = run_dltrain(*args, cwd=tmp_path, timeout=1200)
         assert result.code == 0, f"{line}\n{result}"
         results[line] = result
@@ -63,5 +72,10 @@ def test_readme_examples_run_and_meet_the_targets(tmp_path: Path, shared_data: P
         as_json.json()["metrics"]["accuracy"]
         == report("dltrain fit run.dir=runs/digits")["metrics"]["accuracy"]
     )
+    cv = json.loads(
+        (_cv_dir(results[find("dltrain cv")].err) / "cv_report.json").read_text()
+    )
+    assert cv["folds"] == 5 and cv["metrics"]["accuracy"]["mean"] >= 0.9
+    assert "confusion matrix" in results["dltrain report runs/digits"].out
     shown = yaml.safe_load(results[find("config show")].out)
     assert shown["model"]["name"] == "rnn" and shown["data"]["name"] == "text"

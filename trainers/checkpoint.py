@@ -19,9 +19,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file
-        text = str(err).strip()
-        first = text.splitlines()[0] if text else type(err).__name__
-        raise ConfigError(f"{path}: not a loadable checkpoint ({first})") from None
+        if "weights_only" in str(err) or "Unpickl" in type(err).__name__:
+            reason = "it holds objects that only pickled code could rebuild; refused"
+        else:
+            reason = "truncated, corrupt, or not a torch file"
+        raise ConfigError(f"{path}: not a loadable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
         raise ConfigError(
             f"{path}: not a dltrain checkpoint (no '{CHECKPOINT_KEY}' entry)"
@@ -37,6 +39,6 @@ def check_model(checkpoint: dict[str, Any], wanted: dict[str, Any], path: Path) 
     if trained != wanted:
         raise ConfigError(
             f"{path} holds a model={trained.get('name')} trained with {trained}, but "
-            f"this run asks for model={wanted.get('name')} with {wanted}; drop the "
-            "model overrides or evaluate the checkpoint's own run"
+            f"the config asks for model={wanted.get('name')} with {wanted}; evaluate "
+            "the checkpoint with its own config: dltrain eval --ckpt FILE"
         )

@@ -37,6 +37,35 @@ class WorkersFailed(Exception):
         self.exitcode = exitcode
 
 
+class Interrupted(Exception):
+    """The run was stopped by a signal (Ctrl-C, SIGTERM); ``signum`` says which."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _interruption(err: BaseException) -> str | None:
+    """A description if ``err`` means the user or the cluster stopped the run."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted by SIGINT"
+    # Lightning turns Ctrl-C into SystemExit(1) after its own clean-up.
+    if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
+        return "interrupted by SIGINT"
+    if type(err).__name__ == "SignalException":  # the elastic agent's
+        import signal
+
+        return f"interrupted by {signal.Signals(_signal_number(err)).name}"
+    return None
+
+
+def _signal_number(err: BaseException) -> int:
+    import signal
+
+    sigval = getattr(err, "sigval", signal.SIGINT)
+    return int(sigval)
+
+
 def launcher_env() -> dict[str, int] | None:
     """World layout set by an external launcher (torchrun or srun), if any."""
     env = os.environ
@@ -72,7 +101,7 @@ def preflight(cfg: DictConfig) -> DictConfig:
                 f"strategy=single under a launcher that started {env['world_size']} "
                 "processes would train the whole job once per process; add strategy=ddp"
             )
-        cfg = _with(
+        cfg = with_values(
             cfg,
             {
                 "trainer.devices": env["devices"],
@@ -82,8 +111,15 @@ def preflight(cfg: DictConfig) -> DictConfig:
     for key in ("root", "path"):
         value = cfg.data.get(key)
         if value:  # every process, and a later eval from any folder, finds the data
-            cfg = _with(cfg, {f"data.{key}": str(Path(value).expanduser().resolve())})
+            cfg = with_values(
+                cfg, {f"data.{key}": str(Path(value).expanduser().resolve())}
+            )
     t = cfg.trainer
+    if env is None and t.num_nodes > 1:
+        raise ConfigError(
+            f"trainer.num_nodes={t.num_nodes} needs a launcher on every node "
+            "(torchrun or srun, see scripts/); on one machine use trainer.num_nodes=1"
+        )
     gpus = torch.cuda.device_count()
     accelerator = t.accelerator.value
     if accelerator == "gpu" and gpus == 0:
@@ -110,25 +146,53 @@ def preflight(cfg: DictConfig) -> DictConfig:
 
 
 def check_data(cfg: DictConfig) -> None:
-    """Read the data once, so a missing or broken file fails before any process starts."""
+    """Read the data once, so a missing or broken file, or splits that cannot be
+    made, fail before any process starts."""
     from dltrain.data import readers
+    from dltrain.data.splits import split_indices
 
     data = cfg.data
+    if data.name == "text":
+        min_chars = readers.text_min_chars(
+            data.window, data.val_fraction, data.test_fraction
+        )
+        text, source = readers.read_text(
+            Path(data.path) if data.path else None, min_chars
+        )
+        if len(set(text)) < 2:
+            raise ConfigError(
+                f"{source} holds a single distinct character; a language model "
+                "needs at least two"
+            )
+        return
     if data.name == "mnist":
         if not data.root:
             raise ConfigError(
                 "data=mnist needs data.root: a folder of MNIST IDX files, "
                 "e.g. data.root=../shared/data/mnist"
             )
-        readers.load_mnist(Path(data.root))
-    elif data.name == "text":
-        min_chars = readers.text_min_chars(
-            data.window, data.val_fraction, data.test_fraction
+        labels = readers.load_mnist(Path(data.root)).labels
+    else:
+        labels = readers.load_digits().labels
+    try:
+        split_indices(
+            labels,
+            data.val_fraction,
+            data.test_fraction,
+            cfg.seed,
+            data.fold,
+            data.folds,
         )
-        readers.read_text(Path(data.path) if data.path else None, min_chars)
+    except readers.DataError as err:
+        raise ConfigError(
+            f"data.val_fraction={data.val_fraction} and data.test_fraction="
+            f"{data.test_fraction} cannot split {len(labels)} samples of "
+            f"{len(set(labels.tolist()))} classes ({err}); use larger fractions"
+        ) from None
 
 
-def _with(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
+def with_values(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
+    """A validated copy of ``cfg`` with dotted keys set to new values."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     with open_dict(cfg):
         for key, value in values.items():
@@ -165,13 +229,16 @@ def start(
         else:
             report = execute(run_dir, job, ckpt)
     except BaseException as err:
+        interrupted = _interruption(err)
         if rank_zero:
             rundir.update_manifest(
                 run_dir,
-                status="failed",
-                error=_first_line(err),
+                status="interrupted" if interrupted else "failed",
+                error=interrupted or _first_line(err),
                 finished_at=rundir.finished_at(),
             )
+        if interrupted:
+            raise Interrupted(interrupted, _signal_number(err)) from None
         raise
     if rank_zero:
         rundir.update_manifest(
@@ -220,7 +287,10 @@ def _spawn_workers(run_dir: Path, job: str, ckpt: Path | None, nproc: int) -> No
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    if os.environ.get("DLTRAIN_DEBUG") != "1":  # its shutdown warnings repeat ours
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.ERROR)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -246,12 +316,13 @@ def _spawn_workers(run_dir: Path, job: str, ckpt: Path | None, nproc: int) -> No
         elastic_launch(config, entrypoint=sys.executable)(*args)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
-        message = _first_line(failure.message) if failure.message else ""
-        raise WorkersFailed(
-            f"worker rank {rank} failed with exit code {failure.exitcode}"
-            + (f": {message}" if message else ""),
-            failure.exitcode,
-        ) from None
+        if failure.exitcode < 0:
+            cause = f"was killed by signal {-failure.exitcode}"
+        else:
+            cause = (
+                f"failed with exit code {failure.exitcode} (its error is printed above)"
+            )
+        raise WorkersFailed(f"worker rank {rank} {cause}", failure.exitcode) from None
 
 
 def _first_line(err: Any) -> str:

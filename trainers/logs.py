@@ -17,6 +17,8 @@ LIBRARY_LOGGERS = (
 
 def quiet_libraries(debug: bool) -> None:
     """Library chatter at INFO only with --debug; warnings always; all on stderr."""
+    import pytorch_lightning  # noqa: F401  (its import sets its own log level)
+
     logging.basicConfig(
         level=logging.INFO if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -36,6 +36,8 @@ class TaskModule(pl.LightningModule):
         optim: dict[str, Any],
         max_epochs: int,
         checkpoint_meta: dict[str, Any],
+        top_k: int = 5,
+        calibration_bins: int = 15,
     ):
         super().__init__()
         self.net = net
@@ -46,8 +48,10 @@ class TaskModule(pl.LightningModule):
         self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_metrics = build_metrics(task, num_classes)
-        self.test_values: dict[str, torch.Tensor] = {}
+        self.test_metrics = build_metrics(task, num_classes, top_k, calibration_bins)
+        self.test_values: dict[str, Any] = {}
+        self.num_classes = num_classes
+        self._test_batches = 0
 
     @property
     def monitor(self) -> tuple[str, str]:
@@ -88,13 +92,16 @@ class TaskModule(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
-        update_metrics(self.test_metrics, self.task, self(x), y)
+        update_metrics(self.test_metrics, self(x), y)
+        self._test_batches += 1
 
     def on_test_epoch_end(self) -> None:
         # compute() gathers the states of every rank (torchmetrics' own sync).
-        self.test_values = {
-            k: v.detach().cpu() for k, v in self.test_metrics.compute().items()
-        }
+        if self._test_batches == 0:  # no shard for this rank: join the sync anyway
+            empty = torch.zeros(0, self.num_classes, device=self.device)
+            update_metrics(self.test_metrics, empty, torch.zeros(0, dtype=torch.long))
+        self._test_batches = 0
+        self.test_values = _to_cpu(self.test_metrics.compute())
         self.test_metrics.reset()
 
     def configure_optimizers(self):
@@ -120,3 +127,14 @@ class TaskModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.checkpoint_meta
+
+
+def _to_cpu(value: Any) -> Any:
+    """Metric results (tensors, or tuples and lists of them for curves) on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value

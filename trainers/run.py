@@ -24,7 +24,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from dltrain.data.datamodules import DataInfo, ImageDataModule, TextDataModule
 from dltrain.data.readers import load_digits, load_mnist
 from dltrain.metrics.render import to_markdown
-from dltrain.metrics.tasks import summarize
+from dltrain.metrics.tasks import CLASSIFICATION, summarize
 from dltrain.models.cnn import CNN
 from dltrain.models.rnn import BiRNN
 from dltrain.trainers import rundir
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # With num_workers=0 (the default here: the data sets are in memory) Lightning
 # suggests more workers on every run; that advice does not apply.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+# The report notes a class without positives itself; torchmetrics' warning repeats it.
+warnings.filterwarnings("ignore", message=r".*No positive samples in targets.*")
+# Lightning's hint when an epoch has fewer steps than log_every_n_steps: harmless.
+warnings.filterwarnings("ignore", message=r".*log_every_n_steps.*")
 # Lightning 2.6 calls a torch pytree API that newer torch deprecates; not ours to fix.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
@@ -68,6 +72,8 @@ def build_datamodule(
         test_fraction=data.test_fraction,
         seed=cfg.seed,
         num_workers=data.num_workers,
+        fold=data.fold,
+        folds=data.folds,
     )
 
 
@@ -96,17 +102,28 @@ def build_net(cfg: DictConfig, info: DataInfo) -> torch.nn.Module:
 
 
 def build_module(cfg: DictConfig, info: DataInfo) -> TaskModule:
+    try:
+        net = build_net(cfg, info)
+    except RuntimeError as err:  # e.g. a hidden size that does not fit in memory
+        if "alloc" not in str(err):
+            raise
+        model = OmegaConf.to_container(cfg.model, enum_to_str=True)
+        raise ConfigError(
+            f"the model {model} does not fit in memory; use smaller model sizes"
+        ) from None
     meta = {
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "data": asdict(info),
     }
     return TaskModule(
-        build_net(cfg, info),
+        net,
         task=info.task,
         num_classes=info.num_classes,
         optim=OmegaConf.to_container(cfg.optim, enum_to_str=True),
         max_epochs=cfg.trainer.max_epochs,
         checkpoint_meta=meta,
+        top_k=cfg.report.top_k,
+        calibration_bins=cfg.report.calibration_bins,
     )
 
 
@@ -195,11 +212,31 @@ def execute(run_dir: Path, job: str, ckpt: Path | None = None) -> dict[str, Any]
         say(f"fit: done in {rundir.elapsed(start)}; testing {ckpt.name}")
     load_weights(module, checkpoint, ckpt)
 
+    report = evaluate(trainer, module, datamodule, cfg, "test", run_dir, ckpt, start)
+    if cfg.data.get("folds"):  # cross-validation: also score the held-out fold
+        datamodule.eval_split = "val"
+        evaluate(trainer, module, datamodule, cfg, "val", run_dir, ckpt, start)
+    return report
+
+
+def evaluate(
+    trainer: pl.Trainer,
+    module: TaskModule,
+    datamodule: pl.LightningDataModule,
+    cfg: DictConfig,
+    split: str,
+    run_dir: Path,
+    ckpt: Path,
+    start: float,
+) -> dict[str, Any]:
+    """Test ``module`` on one split; rank 0 writes the report files and plots."""
+    info = datamodule.info
     trainer.test(module, datamodule=datamodule, verbose=False)
     report = {
         "task": info.task,
-        "split": "test",
+        "split": split,
         **summarize(module.test_values, info.task, info.class_names),
+        "top_k": min(cfg.report.top_k, info.num_classes),
         "run_dir": str(run_dir),
         "checkpoint": str(ckpt),
         "data": info.source,
@@ -208,10 +245,53 @@ def execute(run_dir: Path, job: str, ckpt: Path | None = None) -> dict[str, Any]
         "world_size": trainer.world_size,
         "seconds": round(time.monotonic() - start, 1),
     }
-    if trainer.is_global_zero:
-        rundir.write_json(run_dir / rundir.REPORT, report)
-        (run_dir / "report.md").write_text(to_markdown(report))
+    if not trainer.is_global_zero:
+        return report
+    if split != "test":
+        rundir.write_json(run_dir / f"report_{split}.json", report)
+        return report
+    plots = {}
+    if cfg.report.plots:
+        plots = draw_plots(report, module.test_values, run_dir, module.monitor[0])
+    rundir.write_json(run_dir / rundir.REPORT, report)
+    (run_dir / "report.md").write_text(to_markdown(report, plots))
     return report
+
+
+def draw_plots(
+    report: dict[str, Any], values: dict[str, Any], run_dir: Path, main_metric: str
+) -> dict[str, str]:
+    """PNG plots in ``run_dir/plots``; returns title -> path relative to run_dir."""
+    from dltrain.metrics import plots
+
+    folder = run_dir / "plots"
+    drawn: dict[str, Path | None] = {}
+    if report["task"] == CLASSIFICATION:
+        names = [row["class"] for row in report["per_class"]]
+        aurocs = {row["class"]: row["auroc"] for row in report["per_class"]}
+        drawn["confusion matrix"] = plots.plot_confusion(
+            report["confusion_matrix"], names, folder / "confusion_matrix.png"
+        )
+        drawn["ROC curves"] = plots.plot_roc(
+            values["roc"], names, aurocs, folder / "roc.png"
+        )
+    history = _history_csv(run_dir)
+    drawn["training history"] = plots.plot_history(
+        history, main_metric, folder / "history.png"
+    )
+    return {
+        title: str(path.relative_to(run_dir))
+        for title, path in drawn.items()
+        if path is not None
+    }
+
+
+def _history_csv(run_dir: Path) -> Path:
+    """The CSV log of the fit this run comes from (an eval folder sits inside it)."""
+    for folder in (run_dir, *run_dir.parents[:2]):
+        if (folder / "logs" / "metrics.csv").is_file():
+            return folder / "logs" / "metrics.csv"
+    return run_dir / "logs" / "metrics.csv"
 
 
 def _count(module: torch.nn.Module) -> int:

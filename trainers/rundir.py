@@ -45,6 +45,11 @@ def new_run_dir(cfg: DictConfig) -> Path:
                 f"run.dir={path} already holds a run; choose another run.dir "
                 "(or leave it unset for a fresh timestamped folder)"
             )
+        if path.is_dir() and any(path.iterdir()):
+            raise ConfigError(
+                f"run.dir={path} is a folder with other files in it; choose a new "
+                "or empty folder"
+            )
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         base = (
@@ -114,7 +119,16 @@ def load_config(run_dir: Path) -> DictConfig:
             f"{run_dir} is not a dltrain run: it has no {CONFIG}; "
             "give a folder made by `dltrain fit` (or --ckpt FILE)"
         )
-    return validate(OmegaConf.load(path))
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as err:  # yaml and OmegaConf raise several types
+        first = (
+            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        )
+        raise ConfigError(f"{path} is not a readable config ({first})") from None
+    if not isinstance(saved, DictConfig):
+        raise ConfigError(f"{path} is not a dltrain config (not a mapping)")
+    return validate(saved)
 
 
 def finished_at() -> str:

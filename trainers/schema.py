@@ -6,12 +6,13 @@ importing torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from dltrain.trainers.errors import ConfigError
 
@@ -74,6 +75,8 @@ class DigitsConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     num_workers: int = 0
+    fold: int | None = None
+    folds: int | None = None
 
 
 @dataclass
@@ -84,13 +87,15 @@ class MNISTConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     num_workers: int = 0
+    fold: int | None = None
+    folds: int | None = None
 
 
 @dataclass
 class TextConfig:
     name: str = "text"
     path: str | None = None
-    window: int = 64
+    window: int = 32
     train_samples: int = 100000
     eval_stride: int = 4
     batch_size: int = 256
@@ -135,6 +140,13 @@ class OptimConfig:
 
 
 @dataclass
+class ReportConfig:
+    top_k: int = 5
+    calibration_bins: int = 15
+    plots: bool = True
+
+
+@dataclass
 class RunConfig:
     dir: str | None = None
     name: str | None = None
@@ -150,6 +162,7 @@ class Config:
     strategy: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -166,7 +179,11 @@ def validate(cfg: DictConfig) -> DictConfig:
     Raises:
         ConfigError: naming the key, the value and the fix.
     """
-    typed = _merge(OmegaConf.structured(Config), cfg, "")
+    # Keys added at the top with +key=value are kept as the user's own notes.
+    known = set(Config.__dataclass_fields__)
+    extras = {k: cfg[k] for k in cfg if k not in known}
+    core = OmegaConf.masked_copy(cfg, [k for k in cfg if k in known])
+    typed = _merge(OmegaConf.structured(Config), core, "")
     for group, options in GROUPS.items():
         node = cfg.get(group)
         name = node.get("name") if isinstance(node, DictConfig) else node
@@ -177,6 +194,10 @@ def validate(cfg: DictConfig) -> DictConfig:
             )
         typed[group] = _merge(OmegaConf.structured(options[name]), node, group + ".")
     _check_values(typed)
+    if extras:
+        with open_dict(typed):
+            for key, value in extras.items():
+                typed[key] = value
     OmegaConf.set_readonly(typed, True)
     return typed
 
@@ -187,6 +208,11 @@ def _merge(schema: DictConfig, node: Any, prefix: str) -> DictConfig:
     except OmegaConfBaseException as err:
         key = prefix + str(getattr(err, "full_key", "") or "")
         msg = str(getattr(err, "msg", err)).splitlines()[0]
+        if isinstance(err, ConfigKeyError):
+            raise ConfigError(
+                f"unknown config key {key!r}; check the spelling with "
+                "`dltrain config show`"
+            ) from None
         raise ConfigError(f"invalid config at {key or 'top level'}: {msg}") from None
 
 
@@ -210,6 +236,37 @@ def _check_values(cfg: DictConfig) -> None:
     for key in ("limit_train_batches", "limit_val_batches"):
         positive(f"trainer.{key}", trainer[key])
     positive("optim.lr", cfg.optim.lr)
+    for key in ("lr", "weight_decay"):
+        if not math.isfinite(cfg.optim[key]) or cfg.optim[key] < 0:
+            raise ConfigError(
+                f"optim.{key}={cfg.optim[key]} must be a finite number >= 0"
+            )
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed} must be between 0 and 2**32 - 1")
+    if trainer.gradient_clip_val is not None and trainer.gradient_clip_val <= 0:
+        raise ConfigError(
+            f"trainer.gradient_clip_val={trainer.gradient_clip_val} must be positive "
+            "(or null for no clipping)"
+        )
+    for key in ("experiment", "run.name"):
+        name = OmegaConf.select(cfg, key)
+        if name is not None and (
+            "/" in name or "\\" in name or name in ("", ".", "..")
+        ):
+            raise ConfigError(
+                f"{key}={name!r} names the run folder; use a plain name without "
+                "slashes (run.dir=PATH puts a run anywhere)"
+            )
+    positive("report.top_k", cfg.report.top_k)
+    positive("report.calibration_bins", cfg.report.calibration_bins)
+    if cfg.data.get("folds") is not None:
+        if cfg.data.folds < 2:
+            raise ConfigError(f"data.folds={cfg.data.folds} must be at least 2")
+        if cfg.data.fold is None or not 0 <= cfg.data.fold < cfg.data.folds:
+            raise ConfigError(
+                f"data.fold={cfg.data.fold} must be a fold index from 0 to "
+                f"{cfg.data.folds - 1}"
+            )
     positive("data.batch_size", cfg.data.batch_size)
     fraction("data.val_fraction", cfg.data.val_fraction)
     fraction("data.test_fraction", cfg.data.test_fraction)

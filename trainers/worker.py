@@ -2,42 +2,67 @@
 
 Started by :mod:`dltrain.trainers.launch` through PyTorch's elastic agent. A
 mistake the user can fix (a ConfigError or a DataError) exits with code 2 after
-rank 0 has printed it; anything else is recorded for the agent, which ends the
-other workers and reports the first failure.
+rank 0 has printed it; any other failure prints one line (the traceback with
+--debug) and exits 1. The agent then ends the other workers.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
-
-import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from dltrain.data.readers import DataError
 from dltrain.trainers.errors import ConfigError
 from dltrain.trainers.logs import quiet_libraries
 
 
-@record
+def die_with_parent() -> None:
+    """Ask Linux to end this worker if the process that started it dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
+    die_with_parent()
     parser = argparse.ArgumentParser(prog="dltrain-worker")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--job", choices=("fit", "eval"), required=True)
     parser.add_argument("--ckpt", type=Path)
     args = parser.parse_args(argv)
-    quiet_libraries(debug=os.environ.get("DLTRAIN_DEBUG") == "1")
+    debug = os.environ.get("DLTRAIN_DEBUG") == "1"
+    quiet_libraries(debug)
+    rank = os.environ.get("RANK", "0")
 
     from dltrain.trainers.run import execute
 
     try:
         execute(args.run_dir, args.job, args.ckpt)
     except (ConfigError, DataError) as err:
-        if os.environ.get("RANK", "0") == "0":
+        if rank == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Exception as err:
+        if debug:
+            raise
+        print(
+            f"error: [rank {rank}] {type(err).__name__}: {err}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(1)
+
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 
