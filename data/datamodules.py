@@ -154,7 +154,7 @@ class ImageDataModule(_ShardedDataModule):
     ):
         super().__init__(batch_size, num_workers, seed)
         train, val, test = split_indices(
-            images.labels, val_fraction, test_fraction, seed, fold, folds
+            images.labels, val_fraction, test_fraction, seed, fold, folds, images.source
         )
         x = torch.from_numpy(images.images)
         y = torch.from_numpy(images.labels)

@@ -14,6 +14,7 @@ def split_indices(
     seed: int,
     fold: int | None = None,
     folds: int | None = None,
+    source: str = "the data",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train, val and test indices, stratified by label and fixed by ``seed``.
 
@@ -39,7 +40,7 @@ def split_indices(
             random_state=seed,
         )
     except ValueError as err:
-        raise DataError(f"cannot split the data into train/val/test: {err}") from None
+        raise DataError(f"cannot split {source} into train/val/test: {err}") from None
     return train, val, test
 
 

@@ -321,3 +321,32 @@ def test_killing_the_launcher_ends_its_workers(dltrain):
     while _processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _processes_mentioning(str(run_dir)) == []
+
+
+def test_eval_on_three_processes_matches_one(digits_run, tmp_path):
+    """360 test samples over 3 ranks (120 each) under torchrun: the same report."""
+    run_dir, _ = digits_run
+    expected = json.loads((run_dir / "report.json").read_text())
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=3",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+        dltrain_exe(),
+        "eval",
+        str(run_dir),
+        "strategy=ddp",
+        "--json",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # rank 0 alone prints
+    assert report["world_size"] == 3 and report["num_samples"] == 360
+    assert report["confusion_matrix"] == expected["confusion_matrix"]
+    for name, value in expected["metrics"].items():
+        assert report["metrics"][name] == pytest.approx(value, abs=1e-6), name
