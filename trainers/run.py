@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # suggests more workers on every run; that advice does not apply.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 # The report notes a class without positives itself; torchmetrics' warning repeats it.
-warnings.filterwarnings("ignore", message=r".*No positive samples in targets.*")
+warnings.filterwarnings("ignore", message=r".*No (positive|negative) samples in targets.*")
 # Lightning's hint when an epoch has fewer steps than log_every_n_steps: harmless.
 warnings.filterwarnings("ignore", message=r".*log_every_n_steps.*")
 # Lightning 2.6 calls a torch pytree API that newer torch deprecates; not ours to fix.
