@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 # suggests more workers on every run; that advice does not apply.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 # The report notes a class without positives itself; torchmetrics' warning repeats it.
-warnings.filterwarnings("ignore", message=r".*No (positive|negative) samples in targets.*")
+warnings.filterwarnings(
+    "ignore", message=r".*No (positive|negative) samples in targets.*"
+)
 # Lightning's hint when an epoch has fewer steps than log_every_n_steps: harmless.
 warnings.filterwarnings("ignore", message=r".*log_every_n_steps.*")
 # Lightning 2.6 calls a torch pytree API that newer torch deprecates; not ours to fix.
@@ -197,6 +199,12 @@ def execute(run_dir: Path, job: str, ckpt: Path | None = None) -> dict[str, Any]
     info = datamodule.info
     module = build_module(cfg, info)
     trainer = build_trainer(cfg, run_dir, module.monitor)
+    if job == "fit" and info.sizes["val"] < trainer.world_size:
+        # Lightning syncs logged validation metrics; a rank without batches would hang.
+        raise ConfigError(
+            f"the validation split holds {info.sizes['val']} samples, fewer than the "
+            f"{trainer.world_size} processes; raise data.val_fraction or use fewer devices"
+        )
     say = _rank_zero_printer(trainer)
     say(
         f"{job}: model={cfg.model.name} ({_count(module):,} parameters), data={cfg.data.name} "
