@@ -310,15 +310,18 @@ def report_command(
             print_report(reports[0], Console())
         return
     names = [str(path) for path in runs]
-    metrics = [headline(report) for report in reports]
+    measured = [headline(report) for report in reports]
     if as_json:
         rows = [
-            {"run": name, "task": report["task"], "metrics": values}
-            for name, report, values in zip(names, reports, metrics, strict=True)
+            {"run": name, "task": report["task"], "measured_on": on, "metrics": values}
+            for name, report, (on, values) in zip(names, reports, measured, strict=True)
         ]
         sys.stdout.write(json.dumps({"runs": rows}, indent=2) + "\n")
     else:
-        print_comparison(names, metrics, Console())
+        columns = [
+            f"{name}\n({on})" for name, (on, _) in zip(names, measured, strict=True)
+        ]
+        print_comparison(columns, [values for _, values in measured], Console())
 
 
 def _read_report(path: Path) -> dict:

@@ -29,6 +29,8 @@ def compose(
     from omegaconf.errors import OmegaConfBaseException
 
     for override in overrides:
+        if override.startswith("="):
+            raise ConfigError(f"override {override!r} has no key; write key=value")
         if override.startswith("-"):
             raise ConfigError(
                 f"unknown option {override!r}; options go before the overrides, "
@@ -124,6 +126,11 @@ def _hydra_message(
     text = str(err).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = lines[0] if lines else type(err).__name__
+    if "Interpolation" in type(err).__name__ or "Interpolation" in first:
+        key = getattr(err, "full_key", "") or "a value"
+        return (
+            f"{key}: cannot resolve its ${{...}} reference ({first}); fix or remove it"
+        )
     if "Could not find" in first or "Could not load" in first:
         # e.g. "In 'config': Could not find 'model/foo'" + "Available options in 'model':"
         group_option = first.split("'")[-2] if first.count("'") >= 2 else ""
@@ -150,6 +157,17 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+# Keys that choose the split or the model's input: fixed once a model is trained.
+SPLIT_KEYS = (
+    "seed",
+    "data.val_fraction",
+    "data.test_fraction",
+    "data.fold",
+    "data.folds",
+    "data.window",
+)
+
+
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """Apply shell overrides to a saved run config (for `dltrain eval`).
 
@@ -167,11 +185,18 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     for override in parsed:
         key, value = override.key_or_group, override.value()
+        if key in SPLIT_KEYS:
+            raise ConfigError(
+                f"{key}={value}: {key} decides which samples are test samples; "
+                "changing it at eval would score training samples as test. Eval keeps "
+                "the run's seed, split fractions and fold"
+            )
         if key in GROUPS:
             if key != "strategy":
                 raise ConfigError(
                     f"{key}={value}: eval keeps the model and data set the run was trained "
-                    "with; change strategy=, trainer.* or data.* values instead"
+                    "with; change strategy=, trainer.* or data.batch_size/num_workers/"
+                    "root/path instead"
                 )
             cfg.strategy = _packaged_option(key, str(value))
             continue

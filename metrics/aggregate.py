@@ -60,8 +60,10 @@ def summarize_folds(folds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def headline(report: dict[str, Any]) -> dict[str, float | None]:
-    """The metrics of a run report, or the cross-validated means of a cv report."""
+def headline(report: dict[str, Any]) -> tuple[str, dict[str, float | None]]:
+    """What a report's metrics measure, and the metrics: a run's split, or a
+    cv report's held-out mean across folds."""
     if "per_fold" in report:
-        return {name: stats["mean"] for name, stats in report["metrics"].items()}
-    return dict(report["metrics"])
+        means = {name: stats["mean"] for name, stats in report["metrics"].items()}
+        return f"{report['folds']}-fold cv mean, held-out folds", means
+    return f"{report.get('split', 'test')} split", dict(report["metrics"])

@@ -75,7 +75,7 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> 
             "",
             "| " + " | ".join(PER_CLASS) + " |",
         ]
-        lines.append("| --- | ---: | ---: | ---: | ---: |")
+        lines.append("| --- |" + " ---: |" * (len(PER_CLASS) - 1))
         for row in report["per_class"]:
             cells = (_fmt(row[c]) for c in PER_CLASS)
             lines.append("| " + " | ".join(cells) + " |")
@@ -157,8 +157,8 @@ def print_comparison(
     """Several runs side by side: one row per metric, one column per run."""
     table = Table(header_style="bold")
     table.add_column("metric")
-    for name in names:
-        table.add_column(name, justify="right")
+    for name in names:  # run paths are not cut short: they tell the runs apart
+        table.add_column(name, justify="right", overflow="fold")
     keys = list(dict.fromkeys(k for m in metrics for k in m))
     for key in keys:
         table.add_row(key, *(_fmt(m.get(key)) for m in metrics))

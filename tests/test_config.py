@@ -122,3 +122,6 @@ def test_eval_overrides_change_strategy_and_trainer_only():
         apply_overrides(cfg, ["model=rnn"])
     with pytest.raises(ConfigError, match="unknown config key 'trainer.nope'"):
         apply_overrides(cfg, ["trainer.nope=1"])
+    for key in ("seed=3", "data.test_fraction=0.5", "data.val_fraction=0.3"):
+        with pytest.raises(ConfigError, match="would score training samples as test"):
+            apply_overrides(cfg, [key])

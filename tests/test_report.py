@@ -148,6 +148,9 @@ def test_cv_five_folds_on_digits(cv_run):
     assert stats["mean"] > 0.85 and report["test"]["accuracy"]["mean"] > 0.85
     for fold in range(5):
         fold_dir = cv_run / f"fold-{fold}"
+        # the held-out fold never picks the checkpoint it is scored with
+        val_report = json.loads((fold_dir / "report_val.json").read_text())
+        assert val_report["checkpoint"].endswith("last.ckpt")
         config = (fold_dir / "config.yaml").read_text()
         assert f"fold: {fold}" in config and "folds: 5" in config
         assert json.loads((fold_dir / "report.json").read_text())["num_samples"] == 360
@@ -168,6 +171,7 @@ def test_report_rerenders_and_compares_runs(cv_run, tmp_path):
         "report", str(cv_run / "fold-0"), str(cv_run / "fold-1"), "--json", cwd=tmp_path
     )
     runs = json.loads(both.stdout)["runs"]
+    assert [r["measured_on"] for r in runs] == ["test split", "test split"]
     assert [r["run"] for r in runs] == [str(cv_run / "fold-0"), str(cv_run / "fold-1")]
     assert (
         runs[1]["metrics"]["accuracy"]
@@ -175,8 +179,11 @@ def test_report_rerenders_and_compares_runs(cv_run, tmp_path):
             "accuracy"
         ]
     )
-    side = _dltrain("report", str(cv_run / "fold-0"), str(cv_run), cwd=tmp_path)
-    assert side.returncode == 0 and "f1_macro" in side.stdout
+    side = _dltrain(
+        "report", str(cv_run / "fold-0"), str(cv_run), "--json", cwd=tmp_path
+    )
+    measured = [r["measured_on"] for r in json.loads(side.stdout)["runs"]]
+    assert measured == ["test split", "5-fold cv mean, held-out folds"]
     cv_table = _dltrain("report", str(cv_run), cwd=tmp_path)
     assert "5-fold cross-validation" in cv_table.stdout
 
@@ -184,6 +191,11 @@ def test_report_rerenders_and_compares_runs(cv_run, tmp_path):
 def test_plots_are_written_and_embedded(cv_run):
     fold = cv_run / "fold-0"
     markdown = (fold / "report.md").read_text()
+    for header in [
+        line for line in markdown.splitlines() if line.startswith("| class")
+    ]:
+        below = markdown.splitlines()[markdown.splitlines().index(header) + 1]
+        assert header.count("|") == below.count("|")  # a table Markdown renders
     for name in ("confusion_matrix", "roc", "history"):
         png = fold / "plots" / f"{name}.png"
         assert (
@@ -252,3 +264,15 @@ def test_cv_and_report_bad_input(tmp_path, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == ""
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_cv_folder_in_use_is_refused(tmp_path):
+    import fcntl
+
+    (tmp_path / "busy").mkdir()
+    with (tmp_path / "busy/.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running cv holds it
+        proc = _dltrain("cv", "--folds", "2", "run.dir=busy", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "is in use by another dltrain cv" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [".lock"]

@@ -14,12 +14,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
     from dltrain.trainers.errors import ConfigError
 
+    if path.is_dir():
+        raise ConfigError(f"--ckpt {path} is a folder; give a .ckpt file")
     if not path.is_file():
         raise ConfigError(f"--ckpt {path}: no such checkpoint file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file
-        if "weights_only" in str(err) or "Unpickl" in type(err).__name__:
+        if "Unsupported global" in str(err) or "GLOBAL" in str(err):
             reason = "it holds objects that only pickled code could rebuild; refused"
         else:
             reason = "truncated, corrupt, or not a torch file"

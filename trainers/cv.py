@@ -87,7 +87,8 @@ def run_cv(
 ) -> tuple[Path, dict[str, Any]]:
     """Run every unfinished fold, then write and return the aggregate report."""
     from dltrain.metrics.aggregate import summarize_folds
-    from dltrain.trainers.launch import launcher_env, start, with_values
+    from dltrain.metrics.render import cv_markdown
+    from dltrain.trainers.launch import launcher_env
 
     if launcher_env() is not None:
         raise ConfigError(
@@ -98,59 +99,76 @@ def run_cv(
     text = OmegaConf.to_yaml(cfg, resolve=True)
     sha = hashlib.sha256(f"{text}folds={folds}".encode()).hexdigest()
     parent = cv_dir(cfg, folds, sha)
+    lock = _lock(parent)  # held until the folds are done or this process ends
     if not (parent / CV_MANIFEST).is_file():
         (parent / rundir.CONFIG).write_text(text)
-        rundir.write_json(
-            parent / CV_MANIFEST,
-            {
-                "folds": folds,
-                "config_sha256": sha,
-                "overrides": overrides,
-                "status": "running",
-            },
-        )
+        manifest = {"folds": folds, "config_sha256": sha, "overrides": overrides}
+        rundir.write_json(parent / CV_MANIFEST, {**manifest, "status": "running"})
+    try:
+        results = _run_folds(cfg, overrides, folds, parent)
+    except BaseException:
+        _set_status(parent, "stopped")
+        raise
+    finally:
+        lock.close()
+
+    report = {**summarize_folds(results), "run_dir": str(parent)}
+    rundir.write_json(parent / CV_REPORT, report)
+    (parent / "cv_report.md").write_text(cv_markdown(report))
+    _set_status(parent, "finished")
+    return parent, report
+
+
+def _run_folds(
+    cfg: DictConfig, overrides: list[str], folds: int, parent: Path
+) -> list[dict[str, Any]]:
+    from dltrain.trainers.launch import start, with_values
 
     results = []
     for fold in range(folds):
         fold_dir = parent / f"fold-{fold}"
-        if (fold_dir / rundir.REPORT).is_file() and (
-            fold_dir / "report_val.json"
-        ).is_file():
-            _say(f"fold {fold} ({fold + 1} of {folds}): finished earlier, kept")
+        name = f"fold {fold} ({fold + 1} of {folds})"
+        done = (fold_dir / rundir.REPORT).is_file()
+        if done and (fold_dir / "report_val.json").is_file():
+            _say(f"{name}: finished earlier, kept")
         else:
             if fold_dir.exists():  # interrupted: keep it aside, run the fold again
                 stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
                 fold_dir.rename(parent / f"fold-{fold}.interrupted-{stamp}")
-            fold_cfg = with_values(
-                cfg, {"data.fold": fold, "data.folds": folds, "run.dir": str(fold_dir)}
-            )
-            _say(f"fold {fold} ({fold + 1} of {folds}): training")
-            start(
-                fold_cfg,
-                [*overrides, f"data.fold={fold}", f"data.folds={folds}"],
-                "fit",
-                rundir.new_run_dir,
-            )
+            values = {"data.fold": fold, "data.folds": folds, "run.dir": str(fold_dir)}
+            _say(f"{name}: training")
+            fold_overrides = [*overrides, f"data.fold={fold}", f"data.folds={folds}"]
+            start(with_values(cfg, values), fold_overrides, "fit", rundir.new_run_dir)
         val = json.loads((fold_dir / "report_val.json").read_text())
         test = json.loads((fold_dir / rundir.REPORT).read_text())
-        main = "accuracy"
         _say(
-            f"fold {fold} ({fold + 1} of {folds}): held-out {main} "
-            f"{val['metrics'][main]:.4f}, "
-            f"test {main} {test['metrics'][main]:.4f}"
+            f"{name}: held-out accuracy {val['metrics']['accuracy']:.4f}, "
+            f"test accuracy {test['metrics']['accuracy']:.4f}"
         )
         results.append(
             {"fold": fold, "run_dir": str(fold_dir), "val": val, "test": test}
         )
+    return results
 
-    report = {**summarize_folds(results), "run_dir": str(parent)}
-    rundir.write_json(parent / CV_REPORT, report)
-    from dltrain.metrics.render import cv_markdown
 
-    (parent / "cv_report.md").write_text(cv_markdown(report))
+def _lock(parent: Path):
+    """An exclusive lock on the cv folder, so two cv processes never share it."""
+    import fcntl
+
+    handle = (parent / ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(
+            f"run.dir={parent} is in use by another dltrain cv; wait for it to end"
+        ) from None
+    return handle
+
+
+def _set_status(parent: Path, status: str) -> None:
     manifest = json.loads((parent / CV_MANIFEST).read_text())
-    rundir.write_json(parent / CV_MANIFEST, {**manifest, "status": "finished"})
-    return parent, report
+    rundir.write_json(parent / CV_MANIFEST, {**manifest, "status": status})
 
 
 def _say(text: str) -> None:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -118,7 +120,7 @@ def preflight(cfg: DictConfig) -> DictConfig:
     if env is None and t.num_nodes > 1:
         raise ConfigError(
             f"trainer.num_nodes={t.num_nodes} needs a launcher on every node "
-            "(torchrun or srun, see scripts/); on one machine use trainer.num_nodes=1"
+            "(torchrun or srun, see the README); on one machine use trainer.num_nodes=1"
         )
     gpus = torch.cuda.device_count()
     accelerator = t.accelerator.value
@@ -291,6 +293,8 @@ def _spawn_workers(run_dir: Path, job: str, ckpt: Path | None, nproc: int) -> No
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("torch.distributed.elastic"):
                 logging.getLogger(name).setLevel(logging.ERROR)
+    # The agent's per-worker log folders stay empty (output is not redirected).
+    logs = tempfile.mkdtemp(prefix="dltrain-agent-")
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -303,7 +307,7 @@ def _spawn_workers(run_dir: Path, job: str, ckpt: Path | None, nproc: int) -> No
         monitor_interval=0.2,
         start_method="spawn",
         local_addr="127.0.0.1",
-        logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "workers")),
+        logs_specs=DefaultLogsSpecs(log_dir=logs),
     )
     # Like torchrun: split the cores between the workers unless the user chose.
     os.environ.setdefault(
@@ -323,6 +327,8 @@ def _spawn_workers(run_dir: Path, job: str, ckpt: Path | None, nproc: int) -> No
                 f"failed with exit code {failure.exitcode} (its error is printed above)"
             )
         raise WorkersFailed(f"worker rank {rank} {cause}", failure.exitcode) from None
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def _first_line(err: Any) -> str:

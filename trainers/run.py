@@ -130,9 +130,10 @@ def build_module(cfg: DictConfig, info: DataInfo) -> TaskModule:
 
 
 def build_trainer(
-    cfg: DictConfig, run_dir: Path, monitor: tuple[str, str]
+    cfg: DictConfig, run_dir: Path, monitor: tuple[str, str], log: bool = True
 ) -> pl.Trainer:
-    """A Lightning Trainer for the configured strategy, logging into ``run_dir``."""
+    """A Lightning Trainer for the configured strategy, logging into ``run_dir``
+    (``log=False`` for an evaluation, which has no training curve)."""
     t = cfg.trainer
     if cfg.strategy.name == "ddp":
         strategy: Any = DDPStrategy(
@@ -162,7 +163,7 @@ def build_trainer(
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps,
-        logger=CSVLogger(save_dir=run_dir, name="logs", version=""),
+        logger=CSVLogger(save_dir=run_dir, name="logs", version="") if log else False,
         callbacks=[checkpoint, *progress],
         enable_progress_bar=any(not hasattr(c, "every_s") for c in progress),
         enable_model_summary=False,
@@ -198,7 +199,7 @@ def execute(run_dir: Path, job: str, ckpt: Path | None = None) -> dict[str, Any]
     datamodule = build_datamodule(cfg, vocab=vocab or None)
     info = datamodule.info
     module = build_module(cfg, info)
-    trainer = build_trainer(cfg, run_dir, module.monitor)
+    trainer = build_trainer(cfg, run_dir, module.monitor, log=job == "fit")
     if job == "fit" and info.sizes["val"] < trainer.world_size:
         # Lightning syncs logged validation metrics; a rank without batches would hang.
         raise ConfigError(
@@ -215,7 +216,10 @@ def execute(run_dir: Path, job: str, ckpt: Path | None = None) -> dict[str, Any]
     if job == "fit":
         trainer.fit(module, datamodule=datamodule)
         callback = trainer.checkpoint_callback
-        ckpt = Path(callback.best_model_path or callback.last_model_path)
+        best = callback.best_model_path
+        if cfg.data.get("folds"):  # cv: the held-out fold must not pick the model
+            best = ""
+        ckpt = Path(best or callback.last_model_path)
         checkpoint = read_checkpoint(ckpt)
         say(f"fit: done in {rundir.elapsed(start)}; testing {ckpt.name}")
     load_weights(module, checkpoint, ckpt)
