@@ -92,10 +92,8 @@ def preflight(cfg: DictConfig) -> DictConfig:
     """Checks that need torch or the data: devices, precision, readable data.
 
     Under an external launcher the device count and node count come from it.
-    Returns the config to run.
+    Returns the config to run. The data is checked first: it needs no torch.
     """
-    import torch
-
     env = launcher_env()
     if env is not None and env["world_size"] > 1:
         if cfg.strategy.name == "single":
@@ -116,12 +114,15 @@ def preflight(cfg: DictConfig) -> DictConfig:
             cfg = with_values(
                 cfg, {f"data.{key}": str(Path(value).expanduser().resolve())}
             )
+    check_data(cfg)
     t = cfg.trainer
     if env is None and t.num_nodes > 1:
         raise ConfigError(
             f"trainer.num_nodes={t.num_nodes} needs a launcher on every node "
             "(torchrun or srun, see the README); on one machine use trainer.num_nodes=1"
         )
+    import torch
+
     gpus = torch.cuda.device_count()
     accelerator = t.accelerator.value
     if accelerator == "gpu" and gpus == 0:
@@ -143,7 +144,6 @@ def preflight(cfg: DictConfig) -> DictConfig:
         )
     if cfg.strategy.name == "ddp" and cfg.strategy.backend == "nccl" and not on_gpu:
         raise ConfigError("strategy.backend=nccl needs GPUs; on CPU use gloo (or null)")
-    check_data(cfg)
     return cfg
 
 
@@ -212,8 +212,6 @@ def start(
     ``make_dir(cfg)`` makes the run directory (on one process only). Returns the
     run directory and the report (``None`` on ranks other than 0).
     """
-    from dltrain.trainers.run import execute
-
     cfg = preflight(cfg)
     env = launcher_env()
     world = cfg.trainer.devices * cfg.trainer.num_nodes
@@ -229,6 +227,8 @@ def start(
             _spawn_workers(run_dir, job, ckpt, cfg.trainer.devices)
             report = json.loads((run_dir / rundir.REPORT).read_text())
         else:
+            from dltrain.trainers.run import execute  # Lightning: only once needed
+
             report = execute(run_dir, job, ckpt)
     except BaseException as err:
         interrupted = _interruption(err)

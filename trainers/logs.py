@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 LIBRARY_LOGGERS = (
@@ -16,9 +17,11 @@ LIBRARY_LOGGERS = (
 
 
 def quiet_libraries(debug: bool) -> None:
-    """Library chatter at INFO only with --debug; warnings always; all on stderr."""
-    import pytorch_lightning  # noqa: F401  (its import sets its own log level)
+    """Library chatter at INFO only with --debug; warnings always; all on stderr.
 
+    Lightning sets its own level when imported: trainers.run calls this again
+    right after importing it.
+    """
     logging.basicConfig(
         level=logging.INFO if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -26,3 +29,8 @@ def quiet_libraries(debug: bool) -> None:
     )
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if debug else logging.WARNING)
+
+
+def debug_requested() -> bool:
+    """The CLI's --debug, as the environment passes it to workers."""
+    return os.environ.get("DLTRAIN_DEBUG") == "1"

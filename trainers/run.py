@@ -30,10 +30,12 @@ from dltrain.models.rnn import BiRNN
 from dltrain.trainers import rundir
 from dltrain.trainers.checkpoint import CHECKPOINT_KEY, check_model, read_checkpoint
 from dltrain.trainers.errors import ConfigError
+from dltrain.trainers.logs import debug_requested, quiet_libraries
 from dltrain.trainers.module import TaskModule
 from dltrain.trainers.progress import progress_callbacks
 
 log = logging.getLogger(__name__)
+quiet_libraries(debug_requested())  # again: importing Lightning reset its levels
 
 # With num_workers=0 (the default here: the data sets are in memory) Lightning
 # suggests more workers on every run; that advice does not apply.

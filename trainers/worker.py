@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dltrain.data.readers import DataError
 from dltrain.trainers.errors import ConfigError
-from dltrain.trainers.logs import quiet_libraries
+from dltrain.trainers.logs import debug_requested, quiet_libraries
 
 
 def die_with_parent() -> None:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--job", choices=("fit", "eval"), required=True)
     parser.add_argument("--ckpt", type=Path)
     args = parser.parse_args(argv)
-    debug = os.environ.get("DLTRAIN_DEBUG") == "1"
+    debug = debug_requested()
     quiet_libraries(debug)
     rank = os.environ.get("RANK", "0")
 
