@@ -105,6 +105,9 @@ def _errors_to_exit_codes(command):
                 raise typer.Exit(
                     USAGE_ERROR if err.exitcode == USAGE_ERROR else 1
                 ) from None
+            if type(err).__name__ == "LossDiverged":
+                typer.echo(f"error: {err}", err=True)
+                raise typer.Exit(1) from None
             typer.echo(f"error: {type(err).__name__}: {_first_line(err)}", err=True)
             typer.echo("(run with --debug for the traceback)", err=True)
             raise typer.Exit(1) from None

@@ -350,3 +350,17 @@ def test_eval_on_three_processes_matches_one(digits_run, tmp_path):
     assert report["confusion_matrix"] == expected["confusion_matrix"]
     for name, value in expected["metrics"].items():
         assert report["metrics"][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_a_diverging_loss_stops_the_run_before_any_checkpoint(dltrain):
+    result = dltrain(
+        "fit", "optim.name=sgd", "optim.lr=1e6", "trainer.max_epochs=2", "run.dir=nan"
+    )
+    assert result.code == 1, result
+    assert "the training loss became nan at step" in result.err
+    assert (
+        "lower optim.lr (now 1000000.0)" in result.err and "Traceback" not in result.err
+    )
+    assert not (dltrain.cwd / "nan/checkpoints").exists()
+    manifest = json.loads((dltrain.cwd / "nan/manifest.json").read_text())
+    assert manifest["status"] == "failed" and "loss became nan" in manifest["error"]

@@ -292,7 +292,7 @@ def _spawn_workers(run_dir: Path, job: str, ckpt: Path | None, nproc: int) -> No
     if os.environ.get("DLTRAIN_DEBUG") != "1":  # its shutdown warnings repeat ours
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("torch.distributed.elastic"):
-                logging.getLogger(name).setLevel(logging.ERROR)
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     # The agent's per-worker log folders stay empty (output is not redirected).
     logs = tempfile.mkdtemp(prefix="dltrain-agent-")
     config = LaunchConfig(

@@ -15,6 +15,10 @@ from dltrain.metrics.tasks import CLASSIFICATION, build_metrics, update_metrics
 from dltrain.trainers.checkpoint import CHECKPOINT_KEY
 
 
+class LossDiverged(RuntimeError):
+    """The loss is NaN or infinite: training cannot go on meaningfully."""
+
+
 class TaskModule(pl.LightningModule):
     """Cross-entropy training of ``net``; torchmetrics for validation and test.
 
@@ -66,6 +70,13 @@ class TaskModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
         loss = F.cross_entropy(self(x), y)
+        if not torch.isfinite(loss):
+            # Stop before this step updates the weights or any checkpoint is written.
+            raise LossDiverged(
+                f"the training loss became {loss.item()} at step {self.global_step} "
+                f"(epoch {self.current_epoch + 1}); lower optim.lr (now "
+                f"{self.optim['lr']}) or set trainer.gradient_clip_val"
+            )
         self.train_loss.update(loss.detach())
         # The per-step value is this rank's; the epoch mean is synced by torchmetrics.
         self.log("train_loss_step", loss, prog_bar=True, batch_size=len(y))

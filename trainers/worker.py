@@ -54,11 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         if debug:
             raise
-        print(
-            f"error: [rank {rank}] {type(err).__name__}: {err}",
-            file=sys.stderr,
-            flush=True,
-        )
+        kind = "" if type(err).__name__ == "LossDiverged" else f"{type(err).__name__}: "
+        print(f"error: [rank {rank}] {kind}{err}", file=sys.stderr, flush=True)
         sys.exit(1)
 
     import torch.distributed as dist
