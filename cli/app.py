@@ -147,21 +147,70 @@ def fit(
     config: ConfigFile = None,
     overrides: Overrides = None,
     as_json: JsonFlag = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue this run from its last checkpoint (trainer.* may change).",
+        ),
+    ] = None,
 ) -> None:
     """Train a model, test its best checkpoint, and print the report.
 
     Example: dltrain fit model=rnn data=text trainer.max_epochs=3
     """
+    from dltrain.trainers import rundir
+    from dltrain.trainers.launch import start
+
+    if resume is not None:
+        cfg, applied = _resume_config(resume, config, overrides or [])
+        _quiet_libraries()
+        run_dir, report = start(cfg, applied, "fit", None, resume=resume.resolve())
+        _show_report(run_dir, report, as_json)
+        return
+
     from dltrain.cli.compose import compose
 
     cfg, applied = compose(config, overrides or [])
     _quiet_libraries()
-
-    from dltrain.trainers import rundir
-    from dltrain.trainers.launch import start
-
     run_dir, report = start(cfg, applied, "fit", rundir.new_run_dir)
     _show_report(run_dir, report, as_json)
+
+
+def _resume_config(run: Path, config: Path | None, overrides: list[str]):
+    """The saved config of ``run`` with its trainer.* overrides applied."""
+    from dltrain.cli.compose import apply_overrides
+    from dltrain.trainers import rundir
+    from dltrain.trainers.errors import ConfigError
+
+    if config is not None:
+        raise ConfigError("--resume continues a run with its own config; drop --config")
+    other = [o for o in overrides if not o.lstrip("+~").startswith("trainer.")]
+    if other:
+        raise ConfigError(
+            f"--resume can change trainer.* values only, not {other[0]!r}: the rest "
+            "of the run must stay what its checkpoints were trained with"
+        )
+    if not run.is_dir():
+        raise ConfigError(f"--resume {run}: no such run directory")
+    saved = rundir.load_config(run)
+    if not (run / "checkpoints" / "last.ckpt").is_file():
+        raise ConfigError(
+            f"{run} has no checkpoints/last.ckpt to resume from (it stopped before "
+            "its first epoch ended); start it again with dltrain fit"
+        )
+    cfg = apply_overrides(saved, overrides)
+    manifest = json.loads((run / rundir.MANIFEST).read_text())
+    if (
+        manifest.get("status") == "finished"
+        and cfg.trainer.max_epochs <= saved.trainer.max_epochs
+    ):
+        raise ConfigError(
+            f"{run} finished its {saved.trainer.max_epochs} epochs; to train on, "
+            f"give more, e.g. --resume {run} trainer.max_epochs="
+            f"{saved.trainer.max_epochs * 2}"
+        )
+    return cfg, overrides
 
 
 @app.command(name="eval", context_settings=OVERRIDES)

@@ -77,5 +77,8 @@ def test_readme_examples_run_and_meet_the_targets(tmp_path: Path, shared_data: P
     )
     assert cv["folds"] == 5 and cv["metrics"]["accuracy"]["mean"] >= 0.9
     assert "confusion matrix" in results["dltrain report runs/digits"].out
+    resumed = json.loads(Path(tmp_path / "runs/digits/manifest.json").read_text())
+    assert resumed["status"] == "finished" and len(resumed["resumes"]) == 1
+    assert "epoch 40/40" in results[find("--resume")].err
     shown = yaml.safe_load(results[find("config show")].out)
     assert shown["model"]["name"] == "rnn" and shown["data"]["name"] == "text"

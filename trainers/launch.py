@@ -205,7 +205,12 @@ def with_values(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
 
 
 def start(
-    cfg: DictConfig, overrides: list[str], job: str, make_dir, ckpt: Path | None = None
+    cfg: DictConfig,
+    overrides: list[str],
+    job: str,
+    make_dir,
+    ckpt: Path | None = None,
+    resume: Path | None = None,
 ) -> tuple[Path, dict[str, Any] | None]:
     """Run ``job`` ("fit" or "eval") with the processes ``cfg`` asks for.
 
@@ -216,20 +221,29 @@ def start(
     env = launcher_env()
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     if env is not None and env["world_size"] > 1:
+        if resume is not None:
+            raise ConfigError(
+                "--resume under torchrun/srun is not supported yet; resume with "
+                "dltrain fit --resume RUN strategy=ddp from one process"
+            )
         run_dir = _shared_run_dir(cfg, overrides, job, make_dir, env)
         rank_zero = env["rank"] == 0
+    elif resume is not None:
+        run_dir = resume
+        rundir.resume_run(run_dir, cfg, overrides)
+        rank_zero = True
     else:
         run_dir = make_dir(cfg)
         rundir.write_run(run_dir, cfg, overrides, world, job)
         rank_zero = True
     try:
         if world > 1 and env is None:
-            _spawn_workers(run_dir, job, ckpt, cfg.trainer.devices)
+            _spawn_workers(run_dir, job, ckpt, cfg.trainer.devices, resume is not None)
             report = json.loads((run_dir / rundir.REPORT).read_text())
         else:
             from dltrain.trainers.run import execute  # Lightning: only once needed
 
-            report = execute(run_dir, job, ckpt)
+            report = execute(run_dir, job, ckpt, resume=resume is not None)
     except BaseException as err:
         interrupted = _interruption(err)
         if rank_zero:
@@ -283,7 +297,9 @@ def _shared_run_dir(cfg, overrides, job, make_dir, env) -> Path:
     return Path(box[0])
 
 
-def _spawn_workers(run_dir: Path, job: str, ckpt: Path | None, nproc: int) -> None:
+def _spawn_workers(
+    run_dir: Path, job: str, ckpt: Path | None, nproc: int, resume: bool = False
+) -> None:
     """Start ``nproc`` workers on this machine through PyTorch's elastic agent."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -316,6 +332,8 @@ def _spawn_workers(run_dir: Path, job: str, ckpt: Path | None, nproc: int) -> No
     args = ["-m", "dltrain.trainers.worker", "--job", job, str(run_dir)]
     if ckpt is not None:
         args += ["--ckpt", str(ckpt)]
+    if resume:
+        args.append("--resume")
     try:
         elastic_launch(config, entrypoint=sys.executable)(*args)
     except ChildFailedError as err:

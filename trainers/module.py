@@ -138,6 +138,27 @@ class TaskModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.checkpoint_meta
+        # Every rank's random streams (dropout), so a resumed run draws what an
+        # uninterrupted one would have drawn. All ranks dump; rank 0 writes.
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        states = [state]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        checkpoint["rng"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng")
+        if not states:
+            return
+        if len(states) != self.trainer.world_size:
+            return  # another world size: the streams cannot be matched rank to rank
+        state = states[self.trainer.global_rank]
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _to_cpu(value: Any) -> Any:

@@ -6,6 +6,7 @@ reads the same ``config.yaml``; only global rank 0 writes shared files.
 
 from __future__ import annotations
 
+import csv
 import logging
 import sys
 import time
@@ -46,6 +47,11 @@ warnings.filterwarnings(
 )
 # Lightning's hint when an epoch has fewer steps than log_every_n_steps: harmless.
 warnings.filterwarnings("ignore", message=r".*log_every_n_steps.*")
+# A resumed run keeps its own CSV log (see execute), whatever the logger says.
+warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists.*")
+warnings.filterwarnings(
+    "ignore", message=r".*Checkpoint directory .* exists and is not empty.*"
+)
 # Lightning 2.6 calls a torch pytree API that newer torch deprecates; not ours to fix.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
@@ -186,7 +192,9 @@ def load_weights(module: TaskModule, checkpoint: dict[str, Any], path: Path) -> 
         ) from None
 
 
-def execute(run_dir: Path, job: str, ckpt: Path | None = None) -> dict[str, Any]:
+def execute(
+    run_dir: Path, job: str, ckpt: Path | None = None, resume: bool = False
+) -> dict[str, Any]:
     """Fit (``job="fit"``) or evaluate (``job="eval"``) the run in ``run_dir``.
 
     Returns the report; global rank 0 has also written report.json and report.md.
@@ -216,7 +224,16 @@ def execute(run_dir: Path, job: str, ckpt: Path | None = None) -> dict[str, Any]
     )
 
     if job == "fit":
-        trainer.fit(module, datamodule=datamodule)
+        last = resume_checkpoint(run_dir, cfg) if resume else None
+        if last is not None:
+            say(f"fit: resuming from {last.name}")
+            # Lightning's CSV logger starts its file anew: keep the rows up to
+            # the checkpoint, and put them back in front once fit is done.
+            done = read_checkpoint(last)["epoch"]
+            history = [r for r in _csv_rows(run_dir) if int(r["epoch"]) <= done]
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last, weights_only=True)
+        if last is not None and trainer.is_global_zero:
+            _write_csv_rows(run_dir, history + _csv_rows(run_dir))
         callback = trainer.checkpoint_callback
         best = callback.best_model_path
         if cfg.data.get("folds"):  # cv: the held-out fold must not pick the model
@@ -231,6 +248,44 @@ def execute(run_dir: Path, job: str, ckpt: Path | None = None) -> dict[str, Any]
         datamodule.eval_split = "val"
         evaluate(trainer, module, datamodule, cfg, "val", run_dir, ckpt, start)
     return report
+
+
+def _csv_rows(run_dir: Path) -> list[dict[str, str]]:
+    path = run_dir / "logs" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_csv_rows(run_dir: Path, rows: list[dict[str, str]]) -> None:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    path = run_dir / "logs" / "metrics.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def resume_checkpoint(run_dir: Path, cfg: DictConfig) -> Path:
+    """The run's last checkpoint, checked to come from this very config."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(
+            f"{run_dir} has no checkpoints/last.ckpt to resume from (it stopped "
+            "before its first epoch ended); start it again with dltrain fit"
+        )
+    saved = read_checkpoint(last)[CHECKPOINT_KEY]["config"]
+    current = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    differs = [
+        key for key in current if key != "trainer" and saved.get(key) != current[key]
+    ]
+    if differs:
+        raise ConfigError(
+            f"{last} was written with another {', '.join(differs)} than {run_dir}/"
+            "config.yaml; resume refuses a checkpoint of another run"
+        )
+    return last
 
 
 def evaluate(

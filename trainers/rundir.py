@@ -105,6 +105,18 @@ def write_run(
     return manifest
 
 
+def resume_run(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
+    """Record a resume in the manifest; ``config.yaml`` takes the new trainer values."""
+    (run_dir / CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    resumes = manifest.get("resumes", [])
+    resumes.append(
+        {"at": finished_at(), "overrides": overrides, "after": manifest["status"]}
+    )
+    manifest.update(status="running", resumes=resumes)
+    write_json(run_dir / MANIFEST, manifest)
+
+
 def update_manifest(run_dir: Path, **fields: Any) -> None:
     manifest = json.loads((run_dir / MANIFEST).read_text())
     manifest.update(fields)

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--job", choices=("fit", "eval"), required=True)
     parser.add_argument("--ckpt", type=Path)
+    parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     debug = debug_requested()
     quiet_libraries(debug)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     from dltrain.trainers.run import execute
 
     try:
-        execute(args.run_dir, args.job, args.ckpt)
+        execute(args.run_dir, args.job, args.ckpt, resume=args.resume)
     except (ConfigError, DataError) as err:
         if rank == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
