@@ -364,3 +364,17 @@ def test_a_diverging_loss_stops_the_run_before_any_checkpoint(dltrain):
     assert not (dltrain.cwd / "nan/checkpoints").exists()
     manifest = json.loads((dltrain.cwd / "nan/manifest.json").read_text())
     assert manifest["status"] == "failed" and "loss became nan" in manifest["error"]
+
+
+def test_sigterm_to_the_launcher_stops_a_ddp_run(dltrain):
+    """What a scheduler does before a time limit: SIGTERM to the job's process."""
+    run_dir = dltrain.cwd / "terminated"
+    proc = _start_long_fit(dltrain.cwd, run_dir, "strategy=ddp", "trainer.devices=2")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    time.sleep(1)
+    assert _processes_mentioning(str(run_dir)) == []

@@ -59,7 +59,9 @@ def test_training_on_from_a_finished_run(uninterrupted, tmp_path):
     assert manifest["status"] == "finished" and len(manifest["resumes"]) == 1
 
 
-def test_ctrl_c_mid_run_then_resume(uninterrupted, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stopped_mid_run_then_resumed(uninterrupted, tmp_path, sig):
+    """Ctrl-C (SIGINT to the group), or SIGTERM as a scheduler sends it."""
     args = [dltrain_exe(), "fit", "trainer.max_epochs=6", "run.dir=stopped", *SAME]
     proc = subprocess.Popen(
         args,
@@ -73,8 +75,10 @@ def test_ctrl_c_mid_run_then_resume(uninterrupted, tmp_path):
     while not (tmp_path / "stopped/checkpoints/last.ckpt").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.communicate(timeout=120)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert f"interrupted by {sig.name}" in err and "Traceback" not in err
     manifest = json.loads((tmp_path / "stopped/manifest.json").read_text())
     if manifest["status"] == "finished":
         pytest.fail("the run ended before the interrupt; make it longer")

@@ -54,6 +54,8 @@ def _interruption(err: BaseException) -> str | None:
     # Lightning turns Ctrl-C into SystemExit(1) after its own clean-up.
     if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
         return "interrupted by SIGINT"
+    if type(err).__name__ == "SIGTERMException":  # Lightning's, at a step boundary
+        return "interrupted by SIGTERM"
     if type(err).__name__ == "SignalException":  # the elastic agent's
         import signal
 
@@ -64,8 +66,9 @@ def _interruption(err: BaseException) -> str | None:
 def _signal_number(err: BaseException) -> int:
     import signal
 
-    sigval = getattr(err, "sigval", signal.SIGINT)
-    return int(sigval)
+    if type(err).__name__ == "SIGTERMException":
+        return int(signal.SIGTERM)
+    return int(getattr(err, "sigval", signal.SIGINT))
 
 
 def launcher_env() -> dict[str, int] | None:
