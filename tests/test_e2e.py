@@ -26,6 +26,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    """`torchrun` on this machine, rendezvous on 127.0.0.1, running `dltrain ARGS`."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+        dltrain_exe(),
+        *args,
+    ]
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> tuple[Path, object]:
     """The default job, as a newcomer runs it: `dltrain fit` on digits."""
@@ -135,20 +149,7 @@ def test_ddp_fit_on_two_processes(dltrain):
 
 
 def test_torchrun_ranks_agree_on_one_run_directory(dltrain):
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        dltrain_exe(),
-        "fit",
-        "strategy=ddp",
-        "trainer.max_epochs=2",
-        "experiment=trun",
-    ]
+    cmd = _torchrun(2, "fit", "strategy=ddp", "trainer.max_epochs=2", "experiment=trun")
     proc = subprocess.run(
         cmd, cwd=dltrain.cwd, capture_output=True, text=True, timeout=300
     )
@@ -161,18 +162,7 @@ def test_torchrun_ranks_agree_on_one_run_directory(dltrain):
 
 
 def test_torchrun_with_single_strategy_is_refused(dltrain):
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        dltrain_exe(),
-        "fit",
-        "trainer.max_epochs=1",
-    ]
+    cmd = _torchrun(2, "fit", "trainer.max_epochs=1")
     proc = subprocess.run(
         cmd, cwd=dltrain.cwd, capture_output=True, text=True, timeout=300
     )
@@ -327,19 +317,7 @@ def test_eval_on_three_processes_matches_one(digits_run, tmp_path):
     """360 test samples over 3 ranks (120 each) under torchrun: the same report."""
     run_dir, _ = digits_run
     expected = json.loads((run_dir / "report.json").read_text())
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=3",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
-        dltrain_exe(),
-        "eval",
-        str(run_dir),
-        "strategy=ddp",
-        "--json",
-    ]
+    cmd = _torchrun(3, "eval", str(run_dir), "strategy=ddp", "--json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env

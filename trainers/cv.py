@@ -73,13 +73,7 @@ def cv_dir(cfg: DictConfig, folds: int, sha: str) -> Path:
             Path(cfg.run.root).expanduser()
             / f"{cfg.run.name or cfg.experiment}_cv_{stamp}"
         )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(
-            f"run.dir={path}: cannot create it ({err.strerror})"
-        ) from None
-    return path.resolve()
+    return rundir.make_folder(path)
 
 
 def run_cv(

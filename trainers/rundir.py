@@ -60,6 +60,11 @@ def new_run_dir(cfg: DictConfig) -> Path:
         while path.exists():
             n += 1
             path = base.with_name(f"{base.name}-{n}")
+    return make_folder(path)
+
+
+def make_folder(path: Path) -> Path:
+    """Create a run folder (and its parents); a failure names run.dir and the cause."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
