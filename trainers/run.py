@@ -33,7 +33,7 @@ from dltrain.trainers.checkpoint import CHECKPOINT_KEY, check_model, read_checkp
 from dltrain.trainers.errors import ConfigError
 from dltrain.trainers.logs import debug_requested, quiet_libraries
 from dltrain.trainers.module import TaskModule
-from dltrain.trainers.progress import progress_callbacks
+from dltrain.trainers.progress import StopOnInterrupt, progress_callbacks
 
 log = logging.getLogger(__name__)
 quiet_libraries(debug_requested())  # again: importing Lightning reset its levels
@@ -172,7 +172,7 @@ def build_trainer(
         limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps,
         logger=CSVLogger(save_dir=run_dir, name="logs", version="") if log else False,
-        callbacks=[checkpoint, *progress],
+        callbacks=[checkpoint, StopOnInterrupt(), *progress],
         enable_progress_bar=any(not hasattr(c, "every_s") for c in progress),
         enable_model_summary=False,
         use_distributed_sampler=False,
