@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,24 @@ def dltrain(tmp_path: Path):
 
     call.cwd = tmp_path
     return call
+
+
+def start_until(
+    cwd: Path, path: Path, *args: str, timeout: float = 300
+) -> subprocess.Popen:
+    """Start `dltrain ARGS` in its own session (like a job in a terminal, so a
+    signal can go to its whole process group); return once ``path`` exists."""
+    proc = subprocess.Popen(
+        [dltrain_exe(), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+    return proc

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dltrain_exe, run_dltrain
+from conftest import dltrain_exe, run_dltrain, start_until
 
 
 def _free_port() -> int:
@@ -262,27 +262,9 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 def _start_long_fit(cwd: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
-    args = [
-        dltrain_exe(),
-        "fit",
-        "trainer.max_epochs=1000",
-        f"run.dir={run_dir}",
-        *extra,
-    ]
-    proc = subprocess.Popen(
-        args,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while not (run_dir / "checkpoints" / "last.ckpt").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the run never saved a checkpoint"
-        time.sleep(0.2)
-    return proc
+    """A fit long enough to stop by hand, once its first checkpoint exists."""
+    args = ["fit", "trainer.max_epochs=1000", f"run.dir={run_dir}", *extra]
+    return start_until(cwd, run_dir / "checkpoints" / "last.ckpt", *args)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import dltrain_exe
+from conftest import dltrain_exe, start_until
 from dltrain.data.datamodules import ShardSampler
 from dltrain.metrics.tasks import build_metrics, summarize, update_metrics
 
@@ -206,19 +206,8 @@ def test_plots_are_written_and_embedded(cv_run):
 
 def test_interrupted_cv_continues_with_the_missing_folds(tmp_path):
     args = ["cv", "--folds", "3", "trainer.max_epochs=40", "run.dir=cvi"]
-    proc = subprocess.Popen(
-        [dltrain_exe(), *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
     first = tmp_path / "cvi/fold-0/report_val.json"
-    deadline = time.monotonic() + 300
-    while not first.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.2)
+    proc = start_until(tmp_path, first, *args)
     time.sleep(2)  # fold 1 is training now
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()

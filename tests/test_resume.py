@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import dltrain_exe, run_dltrain
+from conftest import run_dltrain, start_until
 
 # Small batches: epochs long enough for an interrupt to land mid-run.
 SAME = ["trainer.deterministic=true", "trainer.progress=plain", "data.batch_size=8"]
@@ -62,19 +60,9 @@ def test_training_on_from_a_finished_run(uninterrupted, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_stopped_mid_run_then_resumed(uninterrupted, tmp_path, sig):
     """Ctrl-C (SIGINT to the group), or SIGTERM as a scheduler sends it."""
-    args = [dltrain_exe(), "fit", "trainer.max_epochs=6", "run.dir=stopped", *SAME]
-    proc = subprocess.Popen(
-        args,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "stopped/checkpoints/last.ckpt").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    checkpoint = tmp_path / "stopped/checkpoints/last.ckpt"
+    args = ["fit", "trainer.max_epochs=6", "run.dir=stopped", *SAME]
+    proc = start_until(tmp_path, checkpoint, *args, timeout=120)
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err[-2000:]
