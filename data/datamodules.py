@@ -108,6 +108,10 @@ class _ShardedDataModule(pl.LightningDataModule):
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is None:
             return 0, 1
+        # Data-parallel replicas: the stages of one pipeline share a shard.
+        replicas = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None)
+        if replicas:
+            return replicas["rank"], replicas["num_replicas"]
         return self.trainer.global_rank, self.trainer.world_size
 
     def _loader(self, dataset: Dataset, sampler: Sampler) -> DataLoader:

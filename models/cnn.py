@@ -54,3 +54,20 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+    def blocks(self) -> list[nn.Module]:
+        """The units a sharded strategy wraps one by one: conv blocks, classifier."""
+        return [*self.features, self.classifier]
+
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        """Every layer in order, named as in ``state_dict``: applying them one
+        after the other is ``forward``, so a pipeline may cut between any two."""
+        return [
+            (f"{name}.{index}", layer)
+            for name, seq in (
+                ("features.0", self.features[0]),
+                ("features.1", self.features[1]),
+                ("classifier", self.classifier),
+            )
+            for index, layer in enumerate(seq)
+        ]

@@ -47,7 +47,6 @@ class BiRNN(nn.Module):
             self.embed: nn.Module = nn.Embedding(vocab_size, embed_dim)
         else:
             self.embed = nn.Linear(row_width, embed_dim)
-        self.hidden_size = hidden_size
         self.rnn = CELLS[cell](
             embed_dim,
             hidden_size,
@@ -61,9 +60,43 @@ class BiRNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:  # images (B, C, H, W): one step per row
-            x = x.flatten(1, 2)
-        out, _ = self.rnn(self.embed(x))
-        forward_last = out[:, -1, : self.hidden_size]
-        backward_first = out[:, 0, self.hidden_size :]
-        return self.head(torch.cat([forward_last, backward_first], dim=1))
+        return self.head(read_both_ends(self.rnn, embed_input(self.embed, x)))
+
+    def blocks(self) -> list[nn.Module]:
+        """The units a sharded strategy wraps one by one."""
+        return [self.embed, self.rnn, self.head]
+
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        """Every layer in order, named as in ``state_dict``: applying them one
+        after the other is ``forward``, so a pipeline may cut between any two."""
+        return [
+            ("embed", _Step(embed_input, self.embed)),
+            ("rnn", _Step(read_both_ends, self.rnn)),
+            ("head.0", self.head[0]),
+            ("head.1", self.head[1]),
+        ]
+
+
+def embed_input(embed: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 4:  # images (B, C, H, W): one step per row
+        x = x.flatten(1, 2)
+    return embed(x)
+
+
+def read_both_ends(rnn: nn.RNNBase, embedded: torch.Tensor) -> torch.Tensor:
+    """Both directions' final states: the last step forward, the first backward."""
+    out, _ = rnn(embedded)
+    hidden = rnn.hidden_size
+    return torch.cat([out[:, -1, :hidden], out[:, 0, hidden:]], dim=1)
+
+
+class _Step(nn.Module):
+    """One step of ``BiRNN.forward`` as a module, so a pipeline stage can hold it."""
+
+    def __init__(self, fn, layer: nn.Module):
+        super().__init__()
+        self.fn = fn
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.layer, x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -56,6 +57,9 @@ class TaskModule(pl.LightningModule):
         self.test_values: dict[str, Any] = {}
         self.num_classes = num_classes
         self._test_batches = 0
+        # Set by a strategy that shards or cuts the model (see configure_model).
+        self.parallelize: Callable[[TaskModule], None] | None = None
+        self._parallelized = False
 
     @property
     def monitor(self) -> tuple[str, str]:
@@ -66,6 +70,18 @@ class TaskModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def configure_model(self) -> None:
+        """Strategies that shard the model (FSDP) do it here, once per module."""
+        if self.parallelize is not None and not self._parallelized:
+            self.parallelize(self)
+            self._parallelized = True
+
+    def predict_batch(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (float) and the targets they belong to, for the metrics."""
+        return self(x).float(), y
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
@@ -90,20 +106,18 @@ class TaskModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        x, y = batch
-        logits = self(x).float()
-        self.val_loss.update(F.cross_entropy(logits, y, reduction="none"))
-        self.val_acc.update(logits, y)
+        logits, y = self.predict_batch(*batch)
+        if len(y):  # a pipeline stage before the last has no logits, only logs
+            self.val_loss.update(F.cross_entropy(logits, y, reduction="none"))
+            self.val_acc.update(logits, y)
+        size = len(batch[1])
         self.log(
-            "val_loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=len(y)
+            "val_loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=size
         )
-        self.log(
-            "val_acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(y)
-        )
+        self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=size)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        x, y = batch
-        update_metrics(self.test_metrics, self(x), y)
+        update_metrics(self.test_metrics, *self.predict_batch(*batch))
         self._test_batches += 1
 
     def on_test_epoch_end(self) -> None:

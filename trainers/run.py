@@ -7,6 +7,7 @@ reads the same ``config.yaml``; only global rank 0 writes shared files.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import sys
 import time
@@ -20,7 +21,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.strategies import DDPStrategy
 
 from dltrain.data.datamodules import DataInfo, ImageDataModule, TextDataModule
 from dltrain.data.readers import load_digits, load_mnist
@@ -34,8 +34,12 @@ from dltrain.trainers.errors import ConfigError
 from dltrain.trainers.logs import debug_requested, quiet_libraries
 from dltrain.trainers.module import TaskModule
 from dltrain.trainers.progress import StopOnInterrupt, progress_callbacks
+from dltrain.trainers.strategies import build_strategy
 
 log = logging.getLogger(__name__)
+
+# Strategies whose fitted module no longer holds the whole model on every rank.
+RESHAPING = ("fsdp", "pipeline")
 quiet_libraries(debug_requested())  # again: importing Lightning reset its levels
 
 # With num_workers=0 (the default here: the data sets are in memory) Lightning
@@ -45,6 +49,8 @@ warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings(
     "ignore", message=r".*No (positive|negative) samples in targets.*"
 )
+# A pipeline stage before the last never updates the validation metrics it syncs.
+warnings.filterwarnings("ignore", message=r".*compute.* was called before .*update.*")
 # Lightning's hint when an epoch has fewer steps than log_every_n_steps: harmless.
 warnings.filterwarnings("ignore", message=r".*log_every_n_steps.*")
 # A resumed run keeps its own CSV log (see execute), whatever the logger says.
@@ -111,7 +117,9 @@ def build_net(cfg: DictConfig, info: DataInfo) -> torch.nn.Module:
     )
 
 
-def build_module(cfg: DictConfig, info: DataInfo) -> TaskModule:
+def build_module(
+    cfg: DictConfig, info: DataInfo, run_dir: Path | None = None
+) -> TaskModule:
     try:
         net = build_net(cfg, info)
     except RuntimeError as err:  # e.g. a hidden size that does not fit in memory
@@ -125,16 +133,72 @@ def build_module(cfg: DictConfig, info: DataInfo) -> TaskModule:
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "data": asdict(info),
     }
-    return TaskModule(
-        net,
-        task=info.task,
-        num_classes=info.num_classes,
-        optim=OmegaConf.to_container(cfg.optim, enum_to_str=True),
-        max_epochs=cfg.trainer.max_epochs,
-        checkpoint_meta=meta,
-        top_k=cfg.report.top_k,
-        calibration_bins=cfg.report.calibration_bins,
+    common = {
+        "task": info.task,
+        "num_classes": info.num_classes,
+        "optim": OmegaConf.to_container(cfg.optim, enum_to_str=True),
+        "max_epochs": cfg.trainer.max_epochs,
+        "checkpoint_meta": meta,
+        "top_k": cfg.report.top_k,
+        "calibration_bins": cfg.report.calibration_bins,
+    }
+    name = cfg.strategy.name
+    if name == "pipeline":
+        from dltrain.trainers.pipeline import PipelineModule
+
+        pipe = OmegaConf.to_container(cfg.strategy, enum_to_str=True)
+        micro = max(1, cfg.data.batch_size // pipe["microbatches"])
+        return PipelineModule(
+            net,
+            **common,
+            pipeline=pipe,
+            batch_size=cfg.data.batch_size,
+            sample=sample_inputs(info, micro),
+            gradient_clip_val=cfg.trainer.gradient_clip_val,
+            on_plan=functools.partial(_record_plan, cfg, run_dir) if run_dir else None,
+        )
+    module = TaskModule(net, **common)
+    if name == "fsdp":
+        from dltrain.trainers.strategies import shard
+
+        on_gpu = cfg.trainer.accelerator.value != "cpu" and torch.cuda.is_available()
+        module.parallelize = lambda m: shard(
+            m.net, m.device_mesh["data_parallel"], cfg.strategy, on_gpu
+        )
+    return module
+
+
+def sample_inputs(info: DataInfo, size: int) -> torch.Tensor:
+    """A random batch shaped like the data's inputs (to measure layer costs)."""
+    generator = torch.Generator().manual_seed(0)
+    if info.task == "language_model":
+        return torch.randint(
+            0, info.num_classes, (size, *info.input_shape), generator=generator
+        )
+    return torch.randn((size, *info.input_shape), generator=generator)
+
+
+def _record_plan(cfg: DictConfig, run_dir: Path | None, plan: dict[str, Any]) -> None:
+    """Global rank 0: say how the pipeline was cut and keep it in the manifest."""
+    unit = plan["cost_unit"]
+    parts = [
+        f"stage {s['stage']} (rank {s['rank']}) {s['layers'][0]}..{s['layers'][-1]} "
+        f"{s['cost']:.3g} {unit}"
+        for s in plan["stages"]
+    ]
+    how = (
+        "given"
+        if cfg.strategy.split_points
+        else f"balanced by {cfg.strategy.balance.value}"
     )
+    print(
+        f"pipeline: split {plan['split_points']} ({how}, balance {plan['balance']}): "
+        + "; ".join(parts),
+        file=sys.stderr,
+        flush=True,
+    )
+    if run_dir is not None and (run_dir / rundir.MANIFEST).is_file():
+        rundir.update_manifest(run_dir, pipeline=plan)
 
 
 def build_trainer(
@@ -143,13 +207,7 @@ def build_trainer(
     """A Lightning Trainer for the configured strategy, logging into ``run_dir``
     (``log=False`` for an evaluation, which has no training curve)."""
     t = cfg.trainer
-    if cfg.strategy.name == "ddp":
-        strategy: Any = DDPStrategy(
-            process_group_backend=cfg.strategy.backend,
-            find_unused_parameters=cfg.strategy.find_unused_parameters,
-        )
-    else:
-        strategy = "auto"
+    pipeline = cfg.strategy.name == "pipeline"
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -163,11 +221,14 @@ def build_trainer(
         accelerator=t.accelerator.value,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=strategy,
+        strategy=build_strategy(cfg),
         precision=t.precision,
         max_epochs=t.max_epochs,
         deterministic=t.deterministic,
-        gradient_clip_val=t.gradient_clip_val,
+        # The pipeline steps its optimizer itself, and clips across its stages.
+        gradient_clip_val=None if pipeline else t.gradient_clip_val,
+        # Its stages' receive buffers are reused by training: no inference tensors.
+        inference_mode=not pipeline,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps,
@@ -208,7 +269,13 @@ def execute(
 
     datamodule = build_datamodule(cfg, vocab=vocab or None)
     info = datamodule.info
-    module = build_module(cfg, info)
+    last = resume_checkpoint(run_dir, cfg) if job == "fit" and resume else None
+    if last is not None and cfg.strategy.name == "pipeline":
+        # The optimizer states fit the stages they were saved with: keep the cut.
+        split = read_checkpoint(last).get("pipeline_split")
+        if split:
+            cfg = _with_split(cfg, split)
+    module = build_module(cfg, info, run_dir)
     trainer = build_trainer(cfg, run_dir, module.monitor, log=job == "fit")
     if job == "fit" and info.sizes["val"] < trainer.world_size:
         # Lightning syncs logged validation metrics; a rank without batches would hang.
@@ -224,7 +291,6 @@ def execute(
     )
 
     if job == "fit":
-        last = resume_checkpoint(run_dir, cfg) if resume else None
         if last is not None:
             say(f"fit: resuming from {last.name}")
             # Lightning's CSV logger starts its file anew: keep the rows up to
@@ -241,6 +307,13 @@ def execute(
         ckpt = Path(best or callback.last_model_path)
         checkpoint = read_checkpoint(ckpt)
         say(f"fit: done in {rundir.elapsed(start)}; testing {ckpt.name}")
+        if cfg.strategy.name in RESHAPING:
+            # The fitted module is sharded or cut into stages: test a fresh one
+            # with the checkpoint's full weights, on a fresh trainer.
+            if getattr(module, "plan", None):
+                cfg = _with_split(cfg, module.plan["split_points"])
+            module = build_module(cfg, info)
+            trainer = build_trainer(cfg, run_dir, module.monitor, log=False)
     load_weights(module, checkpoint, ckpt)
 
     report = evaluate(trainer, module, datamodule, cfg, "test", run_dir, ckpt, start)
@@ -248,6 +321,14 @@ def execute(
         datamodule.eval_split = "val"
         evaluate(trainer, module, datamodule, cfg, "val", run_dir, ckpt, start)
     return report
+
+
+def _with_split(cfg: DictConfig, split: list[int]) -> DictConfig:
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    cfg.strategy.split_points = list(split)
+    from dltrain.trainers.schema import validate
+
+    return validate(cfg)
 
 
 def _csv_rows(run_dir: Path) -> list[dict[str, str]]:

@@ -116,6 +116,47 @@ class DDPConfig:
     find_unused_parameters: bool = False
 
 
+class Wrap(Enum):
+    model = "model"
+    blocks = "blocks"
+    layers = "layers"
+
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+class Balance(Enum):
+    time = "time"
+    flops = "flops"
+
+
+@dataclass
+class FSDPConfig:
+    name: str = "fsdp"
+    backend: str | None = None
+    wrap: Wrap = Wrap.blocks
+    reshard_after_forward: bool = True
+    mixed_precision: str | None = None
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "pipeline"
+    backend: str | None = None
+    schedule: str = "1f1b"
+    microbatches: int = 4
+    pipeline_size: int | None = None
+    stages_per_rank: int = 1
+    split_points: list[int] | None = None
+    balance: Balance = Balance.time
+
+
+# How many layers each model offers a pipeline to cut between (its layers()).
+PIPELINE_LAYERS = {"cnn": 11, "rnn": 4}
+
+
 @dataclass
 class TrainerConfig:
     accelerator: Accelerator = Accelerator.auto
@@ -169,7 +210,12 @@ class Config:
 GROUPS: dict[str, dict[str, type]] = {
     "model": {"cnn": CNNConfig, "rnn": RNNConfig},
     "data": {"digits": DigitsConfig, "mnist": MNISTConfig, "text": TextConfig},
-    "strategy": {"single": SingleConfig, "ddp": DDPConfig},
+    "strategy": {
+        "single": SingleConfig,
+        "ddp": DDPConfig,
+        "fsdp": FSDPConfig,
+        "pipeline": PipelineConfig,
+    },
 }
 
 
@@ -307,12 +353,99 @@ def _check_values(cfg: DictConfig) -> None:
             f"and trainer.num_nodes={trainer.num_nodes} ask for {world}; "
             "add strategy=ddp, or set trainer.devices=1"
         )
-    if cfg.strategy.name == "ddp" and cfg.strategy.backend not in (
-        None,
-        "gloo",
-        "nccl",
-    ):
+    if cfg.strategy.get("backend") not in (None, "gloo", "nccl"):
         raise ConfigError(
             f"strategy.backend={cfg.strategy.backend!r} is not supported; "
             "choose gloo, nccl or null (nccl on GPU, gloo on CPU)"
         )
+    if cfg.strategy.name == "fsdp":
+        _check_fsdp(cfg)
+    if cfg.strategy.name == "pipeline":
+        check_pipeline(cfg, world)
+
+
+def _check_fsdp(cfg: DictConfig) -> None:
+    fsdp = cfg.strategy
+    if fsdp.mixed_precision not in (None, "bf16"):
+        raise ConfigError(
+            f"strategy.mixed_precision={fsdp.mixed_precision!r} is not supported; "
+            "choose bf16 or null (full precision)"
+        )
+    if fsdp.mixed_precision and cfg.trainer.precision != "32-true":
+        raise ConfigError(
+            f"strategy.mixed_precision={fsdp.mixed_precision} and trainer.precision="
+            f"{cfg.trainer.precision} both set a precision; keep one (FSDP's is "
+            "strategy.mixed_precision, with trainer.precision=32-true)"
+        )
+
+
+def check_pipeline(cfg: DictConfig, world: int) -> None:
+    """Checks of a pipeline layout that would otherwise hang or fail in a worker."""
+    pipe, model = cfg.strategy, cfg.model.name
+    if world < 2:
+        raise ConfigError(
+            f"strategy=pipeline cuts the model into stages on different processes, "
+            f"but trainer.devices={cfg.trainer.devices} and trainer.num_nodes="
+            f"{cfg.trainer.num_nodes} make {world}; set trainer.devices=2 (or more), "
+            "or use strategy=single"
+        )
+    size = pipe.pipeline_size or world
+    if size < 2 or world % size:
+        raise ConfigError(
+            f"strategy.pipeline_size={pipe.pipeline_size} must be at least 2 and divide "
+            f"the world size {world} (the rest is data parallel); e.g. "
+            f"strategy.pipeline_size={world}"
+        )
+    if pipe.schedule not in SCHEDULES:
+        raise ConfigError(
+            f"strategy.schedule={pipe.schedule!r} is not a known schedule; "
+            f"choose one of: {', '.join(SCHEDULES)}"
+        )
+    interleaved = pipe.schedule == "interleaved_1f1b"
+    if pipe.stages_per_rank < 1 or (pipe.stages_per_rank > 1) != interleaved:
+        want = "2 or more" if interleaved else "1"
+        raise ConfigError(
+            f"strategy.stages_per_rank={pipe.stages_per_rank} does not fit "
+            f"strategy.schedule={pipe.schedule}; it needs {want}"
+            + ("" if interleaved else " (or strategy.schedule=interleaved_1f1b)")
+        )
+    stages = size * pipe.stages_per_rank
+    layers = PIPELINE_LAYERS[model]
+    if stages > layers:
+        raise ConfigError(
+            f"the pipeline has {stages} stages (strategy.pipeline_size={size} x "
+            f"strategy.stages_per_rank={pipe.stages_per_rank}) but model={model} has "
+            f"only {layers} layers; use fewer devices or stages per rank"
+        )
+    n = pipe.microbatches
+    if n < 1 or n > cfg.data.batch_size:
+        raise ConfigError(
+            f"strategy.microbatches={n} must be between 1 and data.batch_size="
+            f"{cfg.data.batch_size} (every micro-batch holds at least one sample)"
+        )
+    if pipe.schedule == "1f1b" and n < size:
+        raise ConfigError(
+            f"strategy.schedule=1f1b needs at least as many micro-batches as stages: "
+            f"strategy.microbatches={n} < {size}; set strategy.microbatches={size} "
+            "or more, or strategy.schedule=gpipe"
+        )
+    if interleaved and n % size:
+        raise ConfigError(
+            f"strategy.schedule=interleaved_1f1b needs strategy.microbatches to be a "
+            f"multiple of strategy.pipeline_size={size}; got {n}"
+        )
+    points = pipe.split_points
+    if points is not None:
+        points = list(points)
+        valid = all(0 < p < layers for p in points) and points == sorted(set(points))
+        if len(points) != stages - 1 or not valid:
+            raise ConfigError(
+                f"strategy.split_points={points} must list {stages - 1} increasing "
+                f"layer indices between 1 and {layers - 1} (the first layer of every "
+                f"stage but the first; model={model} has {layers}), e.g. strategy.split_points="
+                f"{_even_split(layers, stages)}; or null to balance by measured cost"
+            )
+
+
+def _even_split(layers: int, stages: int) -> list[int]:
+    return [round(i * layers / stages) for i in range(1, stages)]
