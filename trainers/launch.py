@@ -145,8 +145,13 @@ def preflight(cfg: DictConfig) -> DictConfig:
         raise ConfigError(
             "trainer.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true"
         )
-    if cfg.strategy.name == "ddp" and cfg.strategy.backend == "nccl" and not on_gpu:
+    if cfg.strategy.get("backend") == "nccl" and not on_gpu:
         raise ConfigError("strategy.backend=nccl needs GPUs; on CPU use gloo (or null)")
+    if cfg.strategy.get("cpu_offload") and not on_gpu:
+        raise ConfigError(
+            "strategy.cpu_offload=true moves sharded parameters from GPU memory to the "
+            "host; this run is on CPU already; set strategy.cpu_offload=false"
+        )
     return cfg
 
 

@@ -61,8 +61,9 @@ def layer_costs(
 
     costs = []
     x = sample
-    for _, layer in layers:
-        inputs = x.detach().requires_grad_(x.is_floating_point())
+    for index, (_, layer) in enumerate(layers):
+        # The model's own input needs no gradient; every activation after it does.
+        inputs = x.detach().requires_grad_(index > 0 and x.is_floating_point())
 
         def run(
             layer: nn.Module = layer, inputs: torch.Tensor = inputs
@@ -121,7 +122,7 @@ def balance(costs: Sequence[float], stages: int) -> list[int]:
 
 def stage_ranges(n_layers: int, split_points: Sequence[int]) -> list[range]:
     bounds = [0, *split_points, n_layers]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def describe_plan(

@@ -423,6 +423,11 @@ def check_pipeline(cfg: DictConfig, world: int) -> None:
             f"strategy.microbatches={n} must be between 1 and data.batch_size="
             f"{cfg.data.batch_size} (every micro-batch holds at least one sample)"
         )
+    if cfg.data.batch_size % n:
+        raise ConfigError(
+            f"strategy.microbatches={n} must divide data.batch_size="
+            f"{cfg.data.batch_size} (the stages exchange micro-batches of one size)"
+        )
     if pipe.schedule == "1f1b" and n < size:
         raise ConfigError(
             f"strategy.schedule=1f1b needs at least as many micro-batches as stages: "
