@@ -405,6 +405,32 @@ def _read_report(path: Path) -> dict:
     )
 
 
+@app.command(context_settings=OVERRIDES)
+@_errors_to_exit_codes
+def plan(
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the plan as JSON on stdout.")
+    ] = False,
+) -> None:
+    """Show what `dltrain fit` would run, without training: the strategy, world
+    size and device mesh, the pipeline's stage split with measured costs, and the
+    torchrun and sbatch/srun lines that launch it.
+
+    Example: dltrain plan strategy=pipeline trainer.devices=2 trainer.num_nodes=2
+    """
+    from dltrain.cli.compose import compose
+
+    cfg, _ = compose(config, overrides or [])
+    _quiet_libraries()
+    from dltrain.trainers.plan import make_plan, render_plan
+
+    argv = ([f"--config={config}"] if config else []) + list(overrides or [])
+    result = make_plan(cfg, argv)
+    typer.echo(json.dumps(result, indent=2) if as_json else render_plan(result))
+
+
 @config_app.command("show", context_settings=OVERRIDES)
 @_errors_to_exit_codes
 def config_show(config: ConfigFile = None, overrides: Overrides = None) -> None:

@@ -138,6 +138,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     broken_run.mkdir()
     (broken_run / "config.yaml").write_text("model: [unclosed\n")
     rnn = ["model=rnn", "data=text"]
+    pipe2 = ["strategy=pipeline", "trainer.devices=2"]
     return {
         "unknown group option": (
             ["fit", "model=resnet"],
@@ -251,6 +252,63 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
             "cannot split 1797 samples of 10 classes",
         ),
         "eval broken config": (["eval", str(broken_run)], "is not a readable config"),
+        "pipeline on one process": (
+            ["fit", "strategy=pipeline"],
+            "strategy=pipeline cuts the model into stages on different processes",
+        ),
+        "unknown schedule": (
+            ["fit", *pipe2, "strategy.schedule=zerobubble"],
+            "strategy.schedule='zerobubble' is not a known schedule",
+        ),
+        "1f1b with too few micro-batches": (
+            ["fit", *pipe2, "strategy.microbatches=1"],
+            "strategy.schedule=1f1b needs at least as many micro-batches as stages",
+        ),
+        "micro-batches not dividing the batch": (
+            ["fit", *pipe2, "strategy.microbatches=5"],
+            "strategy.microbatches=5 must divide data.batch_size=64",
+        ),
+        "split point out of range": (
+            ["fit", *pipe2, "strategy.split_points=[11]"],
+            "strategy.split_points=[11] must list 1 increasing layer indices between 1 and 10",
+        ),
+        "more stages than layers": (
+            [
+                "fit",
+                *pipe2,
+                "model=rnn",
+                "data=text",
+                "strategy.schedule=interleaved_1f1b",
+                "strategy.stages_per_rank=3",
+                "strategy.microbatches=4",
+            ],
+            "the pipeline has 6 stages",
+        ),
+        "pipeline size not dividing the world": (
+            ["fit", *pipe2, "strategy.pipeline_size=3"],
+            "strategy.pipeline_size=3 must be at least 2 and divide the world size 2",
+        ),
+        "interleaved without virtual stages": (
+            ["fit", *pipe2, "strategy.schedule=interleaved_1f1b"],
+            "strategy.stages_per_rank=1 does not fit strategy.schedule=interleaved_1f1b",
+        ),
+        "fsdp unknown precision": (
+            ["fit", "strategy=fsdp", "strategy.mixed_precision=fp8"],
+            "strategy.mixed_precision='fp8' is not supported",
+        ),
+        "fsdp offload on cpu": (
+            [
+                "fit",
+                "strategy=fsdp",
+                "trainer.accelerator=cpu",
+                "strategy.cpu_offload=true",
+            ],
+            "strategy.cpu_offload=true moves sharded parameters",
+        ),
+        "plan of a bad pipeline": (
+            ["plan", *pipe2, "strategy.split_points=[0]"],
+            "strategy.split_points=[0] must list",
+        ),
         "run.dir not empty": (
             ["fit", f"run.dir={not_a_run.parent}"],
             "is a folder with other files in it",
@@ -326,3 +384,60 @@ def test_debug_shows_the_traceback(dltrain):
 
 def test_entry_point_is_installed():
     assert Path(dltrain_exe()).exists()
+
+
+def test_launcher_layout_mismatches_are_refused(dltrain):
+    """torchrun/srun set the world; a config or an uneven srun that disagrees
+    would leave ranks waiting for peers that never come."""
+    torchrun = {
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "2",
+    }
+    result = dltrain("fit", "strategy=ddp", "trainer.devices=4", env=torchrun)
+    assert result.code == 2, result
+    assert "trainer.devices=4 but the launcher started 2 processes" in result.err
+    uneven = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "3",
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS_PER_NODE": "2,1",
+    }
+    result = dltrain("fit", "strategy=ddp", env=uneven)
+    assert result.code == 2, result
+    assert "srun started 3 tasks on 2 nodes" in result.err
+    four = {**torchrun, "WORLD_SIZE": "4"}
+    result = dltrain("fit", "strategy=pipeline", "strategy.pipeline_size=3", env=four)
+    assert result.code == 2, result
+    assert "divide the world size 4" in result.err
+    assert not (dltrain.cwd / "runs").exists()
+
+
+def test_plan_shows_the_split_and_the_launch_lines(dltrain):
+    result = dltrain(
+        "plan",
+        "strategy=pipeline",
+        "trainer.devices=2",
+        "trainer.num_nodes=2",
+        "strategy.pipeline_size=2",
+        "strategy.balance=flops",
+        "--json",
+    )
+    assert result.code == 0, result
+    plan = result.json()
+    assert plan["world_size"] == 4 and plan["mesh"] == {"dp": 2, "pp": 2}
+    assert plan["global_batch"] == 128
+    stages = plan["pipeline"]["stages"]
+    assert len(stages) == 2 and [s["rank"] for s in stages] == [0, 1]
+    assert plan["pipeline"]["bubble_fraction"] == round(1 / 5, 4)
+    # Balanced by counted FLOPs: no other cut makes the costlier stage cheaper.
+    assert plan["pipeline"]["split_points"] == [4]
+    commands = plan["commands"]
+    assert commands["torchrun"].startswith("torchrun --nnodes=2 --nproc-per-node=2 ")
+    assert "trainer.num_nodes=2" in commands["srun"]
+    assert commands["sbatch"].startswith("sbatch --nodes=2 --ntasks-per-node=2")
+    assert not (dltrain.cwd / "runs").exists(), "plan must not start a run"
+    text = dltrain("plan", "strategy=fsdp", "trainer.devices=2")
+    assert text.code == 0, text
+    assert "parameter bytes per rank" in text.out and "dp_shard 2" in text.out

@@ -98,7 +98,9 @@ def preflight(cfg: DictConfig) -> DictConfig:
     Returns the config to run. The data is checked first: it needs no torch.
     """
     env = launcher_env()
+    _check_slurm_layout()
     if env is not None and env["world_size"] > 1:
+        _check_launcher_layout(cfg, env)
         if cfg.strategy.name == "single":
             raise ConfigError(
                 f"strategy=single under a launcher that started {env['world_size']} "
@@ -153,6 +155,40 @@ def preflight(cfg: DictConfig) -> DictConfig:
             "host; this run is on CPU already; set strategy.cpu_offload=false"
         )
     return cfg
+
+
+def _check_slurm_layout() -> None:
+    """srun with a different number of tasks on some node leaves ranks waiting
+    for peers that never come: refuse it before any process group forms."""
+    env = os.environ
+    if "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    tasks, nodes = int(env["SLURM_NTASKS"]), int(env.get("SLURM_NNODES", "1"))
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "")
+    uneven = tasks % nodes or ("(" in per_node or "," in per_node)
+    if uneven:
+        raise ConfigError(
+            f"srun started {tasks} tasks on {nodes} nodes (SLURM_NTASKS_PER_NODE="
+            f"{per_node or 'unset'}); dltrain needs the same number of tasks on every "
+            "node: use --ntasks-per-node=G with --nodes=N"
+        )
+
+
+def _check_launcher_layout(cfg: DictConfig, env: dict[str, int]) -> None:
+    """A trainer.devices or num_nodes that disagrees with torchrun/srun would make
+    Lightning wait for ranks that do not exist; the launcher's layout wins only
+    when the config left them at 1."""
+    nodes = env["world_size"] // env["devices"]
+    for key, wanted, actual in (
+        ("devices", cfg.trainer.devices, env["devices"]),
+        ("num_nodes", cfg.trainer.num_nodes, nodes),
+    ):
+        if wanted != 1 and wanted != actual:
+            raise ConfigError(
+                f"trainer.{key}={wanted} but the launcher started {env['world_size']} "
+                f"processes, {env['devices']} per node on {nodes} node(s); make them "
+                f"agree (trainer.{key}={actual}) or leave trainer.{key} out"
+            )
 
 
 def check_data(cfg: DictConfig) -> None:

@@ -347,10 +347,16 @@ def _check_values(cfg: DictConfig) -> None:
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
     world = trainer.devices * trainer.num_nodes
-    if cfg.strategy.name == "single" and world > 1:
+    from dltrain.trainers.launch import launcher_env
+
+    launched = launcher_env()
+    if launched is not None and launched["world_size"] > 1:
+        world = launched["world_size"]  # torchrun/srun decide; preflight compares
+    if cfg.strategy.name == "single" and trainer.devices * trainer.num_nodes > 1:
         raise ConfigError(
             f"strategy=single runs one process, but trainer.devices={trainer.devices} "
-            f"and trainer.num_nodes={trainer.num_nodes} ask for {world}; "
+            f"and trainer.num_nodes={trainer.num_nodes} ask for "
+            f"{trainer.devices * trainer.num_nodes}; "
             "add strategy=ddp, or set trainer.devices=1"
         )
     if cfg.strategy.get("backend") not in (None, "gloo", "nccl"):
