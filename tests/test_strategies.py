@@ -152,7 +152,9 @@ def _brute_force(costs: list[float], stages: int) -> float:
     best = float("inf")
     for points in itertools.combinations(range(1, len(costs)), stages - 1):
         bounds = [0, *points, len(costs)]
-        best = min(best, max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])))
+        best = min(
+            best, max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
+        )
     return best
 
 
@@ -168,7 +170,7 @@ def test_balance_minimizes_the_slowest_stage():
         points = balance(costs, stages)
         bounds = [0, *points, n]
         assert len(points) == stages - 1 and points == sorted(set(points))
-        slowest = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        slowest = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
         assert slowest == pytest.approx(_brute_force(costs, stages))
     with pytest.raises(ValueError):
         balance([1, 2], 3)

@@ -253,7 +253,9 @@ class PipelineStrategy(DDPStrategy):
         return {"per_rank": parts} if parts is not None else {}
 
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
+        for optimizer, saved in zip(
+            self.optimizers, checkpoint["optimizer_states"], strict=False
+        ):
             parts = saved.get("per_rank")
             if parts is None or len(parts) != self.world_size:
                 found = "no pipeline state" if parts is None else f"{len(parts)} ranks"

@@ -63,7 +63,7 @@ def make_plan(cfg: DictConfig, argv: list[str]) -> dict[str, Any]:
         split = describe_plan(
             [n for n, _ in layers], costs, points, unit, s.stages_per_rank, size
         )
-        split["measured_on"] = "this machine, one micro-batch of %d" % micro
+        split["measured_on"] = f"this machine, one micro-batch of {micro}"
         bubble = bubble_fraction(s.schedule, size, s.microbatches, s.stages_per_rank)
         plan["mesh"] = {"dp": replicas, "pp": size}
         plan["pipeline"] = {
