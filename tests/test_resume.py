@@ -77,8 +77,19 @@ def test_stopped_mid_run_then_resumed(uninterrupted, tmp_path, sig):
     assert _epochs_logged(tmp_path / "stopped") == list(range(6))
 
 
-def test_ddp_resume_matches_uninterrupted_ddp(tmp_path):
-    ddp = ["strategy=ddp", "trainer.devices=2", *SAME]
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["strategy=ddp"],
+        ["strategy=fsdp"],
+        ["strategy=pipeline", "strategy.microbatches=4"],
+    ],
+    ids=["ddp", "fsdp", "pipeline"],
+)
+def test_distributed_resume_matches_uninterrupted(tmp_path, strategy):
+    """FSDP resumes from one full checkpoint; the pipeline from the stages'
+    gathered weights and each rank's own optimizer state."""
+    ddp = [*strategy, "trainer.devices=2", *SAME, "trainer.limit_train_batches=20"]
     whole = run_dltrain(
         "fit", "trainer.max_epochs=3", "run.dir=whole", *ddp, cwd=tmp_path
     )
