@@ -66,6 +66,12 @@ def test_readme_examples_run_and_meet_the_targets(tmp_path: Path, shared_data: P
     assert shakespeare["task"] == "language_model"
     assert shakespeare["metrics"]["perplexity"] <= 8.0
     assert report(find("fit strategy=ddp"))["world_size"] == 2
+    for strategy in ("fsdp", "pipeline"):  # as good as one process on digits
+        sharded = report(find(f"fit strategy={strategy}"))
+        assert sharded["world_size"] == 2 and sharded["strategy"] == strategy
+        assert sharded["metrics"]["accuracy"] >= 0.95
+    plan = results[find("dltrain plan")].out
+    assert "mesh       dp 1 x pp 4" in plan and "torchrun --nnodes=2" in plan
 
     as_json = results[find("--json")]
     # eval (its own folder) and eval --json score the same checkpoint

@@ -32,6 +32,7 @@ from dltrain.trainers import rundir
 from dltrain.trainers.checkpoint import CHECKPOINT_KEY, check_model, read_checkpoint
 from dltrain.trainers.errors import ConfigError
 from dltrain.trainers.logs import debug_requested, quiet_libraries
+from dltrain.trainers.measure import Throughput, gather, rank_resources
 from dltrain.trainers.module import TaskModule
 from dltrain.trainers.progress import StopOnInterrupt, progress_callbacks
 from dltrain.trainers.strategies import build_strategy
@@ -297,7 +298,14 @@ def execute(
             # the checkpoint, and put them back in front once fit is done.
             done = read_checkpoint(last)["epoch"]
             history = [r for r in _csv_rows(run_dir) if int(r["epoch"]) <= done]
+        throughput = Throughput()
+        trainer.callbacks.append(throughput)
         trainer.fit(module, datamodule=datamodule, ckpt_path=last, weights_only=True)
+        ranks = gather(rank_resources(module))
+        if trainer.is_global_zero:
+            rundir.update_manifest(
+                run_dir, throughput=throughput.summary(), ranks=ranks
+            )
         if last is not None and trainer.is_global_zero:
             _write_csv_rows(run_dir, history + _csv_rows(run_dir))
         callback = trainer.checkpoint_callback
