@@ -314,7 +314,9 @@ def _shared_run_dir(cfg, overrides, job, make_dir, env) -> Path:
 
     on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator.value != "cpu"
     if on_gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        # torchrun sets LOCAL_RANK; srun sets SLURM_LOCALID.
+        local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        torch.cuda.set_device(int(local))
     backend = cfg.strategy.get("backend") or ("nccl" if on_gpu else "gloo")
     if "MASTER_ADDR" not in os.environ:  # srun sets no rendezvous address: derive it
         from lightning_fabric.plugins.environments import SLURMEnvironment

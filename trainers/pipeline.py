@@ -18,7 +18,6 @@ divided by their number: the gradients are those of the unpadded batch.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,11 +49,13 @@ def layer_costs(
     layers: Sequence[tuple[str, nn.Module]],
     sample: torch.Tensor,
     kind: str = "time",
-    repeats: int = 5,
+    repeats: int = 10,
 ) -> list[float]:
     """Cost of a forward and backward pass of each layer on ``sample``.
 
-    ``kind="time"``: median milliseconds over ``repeats`` (after one warm-up);
+    ``kind="time"``: the fastest of ``repeats`` timings in milliseconds, after
+    two warm-ups (the minimum is what the layer costs; slower runs are noise
+    from other processes);
     ``kind="flops"``: floating-point operations counted by PyTorch.
     """
     from torch.utils.flop_counter import FlopCounterMode
@@ -78,7 +79,8 @@ def layer_costs(
                 out = run()
             costs.append(float(counter.get_total_flops()))
         else:
-            out = run()  # warm-up
+            run()
+            out = run()  # warm-ups
             times = []
             for _ in range(repeats):
                 _synchronize(sample.device)
@@ -86,7 +88,7 @@ def layer_costs(
                 run()
                 _synchronize(sample.device)
                 times.append((time.perf_counter() - begin) * 1e3)
-            costs.append(statistics.median(times))
+            costs.append(min(times))
         for p in layer.parameters():
             p.grad = None
         x = out.detach()
