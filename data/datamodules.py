@@ -8,6 +8,7 @@ sample is counted exactly once whatever the number of processes.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,30 @@ class EpochSampler(Sampler[int]):
         return self.per_rank
 
 
+class ResumableSampler(Sampler[int]):
+    """A training sampler that, in an epoch resumed from a checkpoint written
+    mid-epoch, skips the batches already trained on: the rest of the epoch sees
+    exactly the samples an uninterrupted run would have seen."""
+
+    def __init__(self, sampler: Sampler, batch_size: int, batches_done):
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.batches_done = batches_done
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        # Called at the epoch's first batch, after Lightning restored its counters.
+        return itertools.islice(
+            iter(self.sampler), self.batches_done() * self.batch_size, None
+        )
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class _ShardedDataModule(pl.LightningDataModule):
     """Loaders shared by both data modules; subclasses fill the three splits."""
 
@@ -121,7 +146,17 @@ class _ShardedDataModule(pl.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # Its own seed stream: starting an epoch's iterator never draws from
+            # the global one, so a run resumed mid-epoch draws what it would have.
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _batches_done(self) -> int:
+        """Batches of the current epoch already trained (non-zero after a resume)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     def train_sampler(self) -> Sampler:
         rank, world = self._rank_world()
@@ -130,7 +165,10 @@ class _ShardedDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.train_sampler())
+        sampler = ResumableSampler(
+            self.train_sampler(), self.batch_size, self._batches_done
+        )
+        return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(

@@ -7,3 +7,14 @@ class ConfigError(Exception):
     The message names the key, the value and the fix; the CLI prints it without
     a traceback and exits with code 2.
     """
+
+
+class Stopped(Exception):
+    """A signal (SIGINT, SIGTERM, SIGUSR1) stopped training at a step boundary,
+    after every rank agreed and the last checkpoint was written."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum

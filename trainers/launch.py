@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import uuid
@@ -26,7 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dltrain.trainers import rundir
-from dltrain.trainers.errors import ConfigError
+from dltrain.trainers.errors import ConfigError, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class Interrupted(Exception):
 
 def _interruption(err: BaseException) -> str | None:
     """A description if ``err`` means the user or the cluster stopped the run."""
+    if isinstance(err, Stopped):
+        return str(err)
     if isinstance(err, KeyboardInterrupt):
         return "interrupted by SIGINT"
     # Lightning turns Ctrl-C into SystemExit(1) after its own clean-up.
@@ -57,15 +60,14 @@ def _interruption(err: BaseException) -> str | None:
     if type(err).__name__ == "SIGTERMException":  # Lightning's, at a step boundary
         return "interrupted by SIGTERM"
     if type(err).__name__ == "SignalException":  # the elastic agent's
-        import signal
-
         return f"interrupted by {signal.Signals(_signal_number(err)).name}"
     return None
 
 
 def _signal_number(err: BaseException) -> int:
-    import signal
 
+    if isinstance(err, Stopped):
+        return err.signum
     if type(err).__name__ == "SIGTERMException":
         return int(signal.SIGTERM)
     return int(getattr(err, "sigval", signal.SIGINT))
@@ -384,6 +386,12 @@ def _spawn_workers(
         elastic_launch(config, entrypoint=sys.executable)(*args)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
+        signum = failure.exitcode - 128
+        if signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            # The workers were signalled, not this process: they stopped cleanly.
+            raise Interrupted(
+                f"interrupted by {signal.Signals(signum).name}", signum
+            ) from None
         if failure.exitcode < 0:
             cause = f"was killed by signal {-failure.exitcode}"
         else:

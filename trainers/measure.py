@@ -28,6 +28,9 @@ class Throughput(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._start, self._paused, self._samples = time.perf_counter(), 0.0, 0
 
+    # A run resumed mid-epoch starts without on_train_epoch_start.
+    on_train_start = on_train_epoch_start
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._samples += len(batch[1])
 

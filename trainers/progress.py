@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 import time
 
 import pytorch_lightning as pl
@@ -30,6 +28,9 @@ class PlainProgress(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
         self._epoch_start = self._last = time.monotonic()
+
+    # A run resumed mid-epoch starts without on_train_epoch_start.
+    on_train_start = on_train_epoch_start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.monotonic()
@@ -66,40 +67,3 @@ def progress_callbacks(mode: str) -> list[Callback]:
     if mode == "plain":
         return [PlainProgress()]
     return []
-
-
-class StopOnInterrupt(Callback):
-    """Turn Ctrl-C into a stop at the next batch boundary.
-
-    Python raises KeyboardInterrupt wherever the main thread happens to be; in
-    a finaliser or a library's cleanup it can be swallowed, and the run goes
-    on. This handler only records the signal; the next batch raises it where
-    Lightning handles it. A second Ctrl-C interrupts at once.
-    """
-
-    def __init__(self):
-        self._previous = None
-        self._requested = False
-
-    def _handle(self, signum, frame) -> None:
-        if self._requested:
-            raise KeyboardInterrupt
-        self._requested = True
-
-    def _check(self, *args, **kwargs) -> None:
-        if self._requested:
-            raise KeyboardInterrupt
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-        self._check()
-
-    on_train_batch_end = _check
-    on_validation_batch_end = _check
-    on_test_batch_end = _check

@@ -31,10 +31,11 @@ from dltrain.models.rnn import BiRNN
 from dltrain.trainers import rundir
 from dltrain.trainers.checkpoint import CHECKPOINT_KEY, check_model, read_checkpoint
 from dltrain.trainers.errors import ConfigError
+from dltrain.trainers.faults import AtomicCheckpointIO, StepCheckpoint, StopSignals
 from dltrain.trainers.logs import debug_requested, quiet_libraries
 from dltrain.trainers.measure import Throughput, gather, rank_resources
 from dltrain.trainers.module import TaskModule
-from dltrain.trainers.progress import StopOnInterrupt, progress_callbacks
+from dltrain.trainers.progress import progress_callbacks
 from dltrain.trainers.strategies import build_strategy
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ warnings.filterwarnings(
 )
 # A pipeline stage before the last never updates the validation metrics it syncs.
 warnings.filterwarnings("ignore", message=r".*compute.* was called before .*update.*")
+# Resumed mid-epoch: the training sampler skips what was done (ResumableSampler).
+warnings.filterwarnings(
+    "ignore", message=r".*resuming from a checkpoint that ended before.*"
+)
 # Lightning's hint when an epoch has fewer steps than log_every_n_steps: harmless.
 warnings.filterwarnings("ignore", message=r".*log_every_n_steps.*")
 # A resumed run keeps its own CSV log (see execute), whatever the logger says.
@@ -119,8 +124,13 @@ def build_net(cfg: DictConfig, info: DataInfo) -> torch.nn.Module:
 
 
 def build_module(
-    cfg: DictConfig, info: DataInfo, run_dir: Path | None = None
+    cfg: DictConfig,
+    info: DataInfo,
+    run_dir: Path | None = None,
+    split: list[int] | None = None,
 ) -> TaskModule:
+    """The LightningModule for ``cfg``; ``split`` pins a pipeline's cut (a resumed
+    or tested pipeline keeps the one it trained with)."""
     try:
         net = build_net(cfg, info)
     except RuntimeError as err:  # e.g. a hidden size that does not fit in memory
@@ -148,6 +158,8 @@ def build_module(
         from dltrain.trainers.pipeline import PipelineModule
 
         pipe = OmegaConf.to_container(cfg.strategy, enum_to_str=True)
+        if split:
+            pipe["split_points"] = list(split)
         micro = max(1, cfg.data.batch_size // pipe["microbatches"])
         return PipelineModule(
             net,
@@ -209,15 +221,23 @@ def build_trainer(
     (``log=False`` for an evaluation, which has no training curve)."""
     t = cfg.trainer
     pipeline = cfg.strategy.name == "pipeline"
+    folder = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
+        dirpath=folder,
         filename="best",
         monitor=monitor[0],
         mode=monitor[1],
         save_top_k=1,
         save_last=True,
+        every_n_epochs=cfg.checkpoint.every_n_epochs,
+        enable_version_counter=False,  # last.ckpt is also written by StepCheckpoint
     )
     progress = progress_callbacks(t.progress.value)
+    safety = [StopSignals(folder / "last.ckpt")]
+    if cfg.checkpoint.every_n_steps:
+        safety.append(
+            StepCheckpoint(folder / "last.ckpt", cfg.checkpoint.every_n_steps)
+        )
     return pl.Trainer(
         accelerator=t.accelerator.value,
         devices=t.devices,
@@ -234,7 +254,8 @@ def build_trainer(
         limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps,
         logger=CSVLogger(save_dir=run_dir, name="logs", version="") if log else False,
-        callbacks=[checkpoint, StopOnInterrupt(), *progress],
+        callbacks=[checkpoint, *safety, *progress],
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=any(not hasattr(c, "every_s") for c in progress),
         enable_model_summary=False,
         use_distributed_sampler=False,
@@ -271,12 +292,11 @@ def execute(
     datamodule = build_datamodule(cfg, vocab=vocab or None)
     info = datamodule.info
     last = resume_checkpoint(run_dir, cfg) if job == "fit" and resume else None
+    split = None
     if last is not None and cfg.strategy.name == "pipeline":
         # The optimizer states fit the stages they were saved with: keep the cut.
         split = read_checkpoint(last).get("pipeline_split")
-        if split:
-            cfg = _with_split(cfg, split)
-    module = build_module(cfg, info, run_dir)
+    module = build_module(cfg, info, run_dir, split)
     trainer = build_trainer(cfg, run_dir, module.monitor, log=job == "fit")
     if job == "fit" and info.sizes["val"] < trainer.world_size:
         # Lightning syncs logged validation metrics; a rank without batches would hang.
@@ -318,9 +338,8 @@ def execute(
         if cfg.strategy.name in RESHAPING:
             # The fitted module is sharded or cut into stages: test a fresh one
             # with the checkpoint's full weights, on a fresh trainer.
-            if getattr(module, "plan", None):
-                cfg = _with_split(cfg, module.plan["split_points"])
-            module = build_module(cfg, info)
+            plan = getattr(module, "plan", None)
+            module = build_module(cfg, info, split=plan and plan["split_points"])
             trainer = build_trainer(cfg, run_dir, module.monitor, log=False)
     load_weights(module, checkpoint, ckpt)
 
@@ -329,14 +348,6 @@ def execute(
         datamodule.eval_split = "val"
         evaluate(trainer, module, datamodule, cfg, "val", run_dir, ckpt, start)
     return report
-
-
-def _with_split(cfg: DictConfig, split: list[int]) -> DictConfig:
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
-    cfg.strategy.split_points = list(split)
-    from dltrain.trainers.schema import validate
-
-    return validate(cfg)
 
 
 def _csv_rows(run_dir: Path) -> list[dict[str, str]]:

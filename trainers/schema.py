@@ -192,6 +192,14 @@ class RunConfig:
     dir: str | None = None
     name: str | None = None
     root: str = "runs"
+    resume: str = "never"
+    max_restarts: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_epochs: int = 1
+    every_n_steps: int | None = None
 
 
 @dataclass
@@ -204,6 +212,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -303,6 +312,20 @@ def _check_values(cfg: DictConfig) -> None:
                 f"{key}={name!r} names the run folder; use a plain name without "
                 "slashes (run.dir=PATH puts a run anywhere)"
             )
+    positive("checkpoint.every_n_epochs", cfg.checkpoint.every_n_epochs)
+    positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps)
+    if cfg.run.resume not in ("never", "auto"):
+        raise ConfigError(
+            f"run.resume={cfg.run.resume!r} must be never or auto (auto: continue "
+            "the run in run.dir from its last checkpoint if there is one)"
+        )
+    if cfg.run.resume == "auto" and not cfg.run.dir:
+        raise ConfigError(
+            "run.resume=auto needs run.dir: the folder a requeued or restarted job "
+            "continues in, e.g. run.dir=runs/my-job"
+        )
+    if cfg.run.max_restarts < 0:
+        raise ConfigError(f"run.max_restarts={cfg.run.max_restarts} must be >= 0")
     positive("report.top_k", cfg.report.top_k)
     positive("report.calibration_bins", cfg.report.calibration_bins)
     if cfg.data.get("folds") is not None:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from dltrain.data.readers import DataError
-from dltrain.trainers.errors import ConfigError
+from dltrain.trainers.errors import ConfigError, Stopped
 from dltrain.trainers.logs import debug_requested, quiet_libraries
 
 
@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         execute(args.run_dir, args.job, args.ckpt, resume=args.resume)
+    except Stopped as err:  # every rank agreed to stop; last.ckpt is written
+        if rank == "0":
+            print(f"{err}; last.ckpt holds the last step", file=sys.stderr, flush=True)
+        sys.exit(128 + err.signum)
     except (ConfigError, DataError) as err:
         if rank == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
