@@ -95,7 +95,8 @@ def _errors_to_exit_codes(command):
             from dltrain.trainers.launch import Interrupted, WorkersFailed
 
             if isinstance(err, Interrupted):
-                typer.echo(f"{err}; the run directory records it", err=True)
+                if os.environ.get("RANK", "0") == "0":
+                    typer.echo(f"{err}; the run directory records it", err=True)
                 raise typer.Exit(128 + err.signum) from None
             if State.debug:
                 raise

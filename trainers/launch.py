@@ -260,36 +260,40 @@ def start(
 ) -> tuple[Path, dict[str, Any] | None]:
     """Run ``job`` ("fit" or "eval") with the processes ``cfg`` asks for.
 
-    ``make_dir(cfg)`` makes the run directory (on one process only). Returns the
-    run directory and the report (``None`` on ranks other than 0).
+    ``make_dir(cfg)`` makes the run directory (on one process only); ``resume``
+    continues that run instead, as ``run.resume=auto`` may. Returns the run
+    directory and the report (``None`` on ranks other than 0).
     """
     cfg = preflight(cfg)
     env = launcher_env()
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     if env is not None and env["world_size"] > 1:
-        if resume is not None:
-            raise ConfigError(
-                "--resume under torchrun/srun is not supported yet; resume with "
-                "dltrain fit --resume RUN strategy=ddp from one process"
-            )
-        run_dir = _shared_run_dir(cfg, overrides, job, make_dir, env)
+        run_dir, action = _shared_run_dir(cfg, overrides, job, make_dir, env, resume)
         rank_zero = env["rank"] == 0
-    elif resume is not None:
-        run_dir = resume
-        rundir.resume_run(run_dir, cfg, overrides)
-        rank_zero = True
     else:
-        run_dir = make_dir(cfg)
-        rundir.write_run(run_dir, cfg, overrides, world, job)
+        run_dir, action = _prepare(cfg, overrides, job, make_dir, resume, world)
         rank_zero = True
+    if action == "finished":
+        if rank_zero:
+            print(
+                f"run.resume=auto: {run_dir} finished its {cfg.trainer.max_epochs} "
+                "epochs already; nothing to do (raise trainer.max_epochs to train on)",
+                file=sys.stderr,
+                flush=True,
+            )
+        report = json.loads((run_dir / rundir.REPORT).read_text())
+        return run_dir, report if rank_zero else None
+    resuming = action == "resume"
     try:
         if world > 1 and env is None:
-            _spawn_workers(run_dir, job, ckpt, cfg.trainer.devices, resume is not None)
+            _spawn_workers(
+                run_dir, job, ckpt, cfg.trainer.devices, resuming, cfg.run.max_restarts
+            )
             report = json.loads((run_dir / rundir.REPORT).read_text())
         else:
             from dltrain.trainers.run import execute  # Lightning: only once needed
 
-            report = execute(run_dir, job, ckpt, resume=resume is not None)
+            report = execute(run_dir, job, ckpt, resume=resuming)
     except BaseException as err:
         interrupted = _interruption(err)
         if rank_zero:
@@ -309,8 +313,40 @@ def start(
     return run_dir, report if rank_zero else None
 
 
-def _shared_run_dir(cfg, overrides, job, make_dir, env) -> Path:
-    """torchrun/srun: rank 0 makes the run directory, every rank learns its path."""
+def _prepare(cfg, overrides, job, make_dir, resume, world) -> tuple[Path, str]:
+    """On one process: the run directory, and whether the run starts "fresh",
+    "resume"s, or has "finished" already (run.resume=auto)."""
+    if resume is not None:
+        rundir.resume_run(resume, cfg, overrides)
+        return resume, "resume"
+    if job == "fit":
+        action, path = rundir.auto_resume(cfg)
+        if action == "finished":
+            return path, action
+        if action == "resume":
+            print(
+                f"run.resume=auto: continuing {path} from its last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+            rundir.resume_run(path, cfg, overrides)
+            return path, action
+        if action == "restart":
+            print(
+                f"run.resume=auto: {path} stopped before its first checkpoint; "
+                "starting it again from the beginning",
+                file=sys.stderr,
+                flush=True,
+            )
+            rundir.write_run(path, cfg, overrides, world, job)
+            return path, "fresh"
+    run_dir = make_dir(cfg)
+    rundir.write_run(run_dir, cfg, overrides, world, job)
+    return run_dir, "fresh"
+
+
+def _shared_run_dir(cfg, overrides, job, make_dir, env, resume) -> tuple[Path, str]:
+    """torchrun/srun: rank 0 prepares the run directory, every rank learns it."""
     import torch
     import torch.distributed as dist
 
@@ -334,21 +370,31 @@ def _shared_run_dir(cfg, overrides, job, make_dir, env) -> Path:
     box: list[Any] = [None]
     if env["rank"] == 0:
         try:
-            run_dir = make_dir(cfg)
-            rundir.write_run(run_dir, cfg, overrides, env["world_size"], job)
-            box[0] = str(run_dir)
+            run_dir, action = _prepare(
+                cfg, overrides, job, make_dir, resume, env["world_size"]
+            )
+            box[0] = (str(run_dir), action)
         except ConfigError as err:
             box[0] = err
     dist.broadcast_object_list(box, src=0)  # a refusal on rank 0 ends every rank
     if isinstance(box[0], ConfigError):
         raise box[0]
-    return Path(box[0])
+    return Path(box[0][0]), box[0][1]
 
 
 def _spawn_workers(
-    run_dir: Path, job: str, ckpt: Path | None, nproc: int, resume: bool = False
+    run_dir: Path,
+    job: str,
+    ckpt: Path | None,
+    nproc: int,
+    resume: bool = False,
+    max_restarts: int = 0,
 ) -> None:
-    """Start ``nproc`` workers on this machine through PyTorch's elastic agent."""
+    """Start ``nproc`` workers on this machine through PyTorch's elastic agent.
+
+    If a worker fails, the agent ends the others and, up to ``max_restarts``
+    times, starts the group again; each restart resumes from last.ckpt.
+    """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -367,7 +413,7 @@ def _spawn_workers(
         rdzv_backend="c10d",
         rdzv_endpoint="127.0.0.1:0",
         rdzv_configs={"timeout": 120},
-        max_restarts=0,
+        max_restarts=max_restarts if job == "fit" else 0,
         monitor_interval=0.2,
         start_method="spawn",
         local_addr="127.0.0.1",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import functools
 import logging
+import os
 import sys
 import time
 import warnings
@@ -296,7 +297,8 @@ def execute(
     if last is not None and cfg.strategy.name == "pipeline":
         # The optimizer states fit the stages they were saved with: keep the cut.
         split = read_checkpoint(last).get("pipeline_split")
-    module = build_module(cfg, info, run_dir, split)
+    module = build_module(cfg, info, run_dir, split)  # the same weights on every rank
+    torch.manual_seed(rank_seed(cfg.seed, int(os.environ.get("RANK", "0"))))
     trainer = build_trainer(cfg, run_dir, module.monitor, log=job == "fit")
     if job == "fit" and info.sizes["val"] < trainer.world_size:
         # Lightning syncs logged validation metrics; a rank without batches would hang.
@@ -348,6 +350,14 @@ def execute(
         datamodule.eval_split = "val"
         evaluate(trainer, module, datamodule, cfg, "val", run_dir, ckpt, start)
     return report
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of one rank's random stream (dropout) after the model is built:
+    ranks draw different masks, and the same seed and rank draw the same ones."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def _csv_rows(run_dir: Path) -> list[dict[str, str]]:

@@ -122,6 +122,43 @@ def resume_run(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
     write_json(run_dir / MANIFEST, manifest)
 
 
+def auto_resume(cfg: DictConfig) -> tuple[str, Path | None]:
+    """What ``run.resume=auto`` does with ``run.dir``: "fresh" (no run there yet),
+    "resume" (a run with a checkpoint), "restart" (a run that died before its
+    first checkpoint: it starts over in place) or "finished" (nothing left to do).
+
+    A run there with another model, data or strategy is refused.
+    """
+    if cfg.run.resume != "auto":
+        return "fresh", None
+    path = Path(cfg.run.dir).expanduser().resolve()
+    if not (path / CONFIG).is_file():
+        return "fresh", None
+    saved = load_config(path)
+    current = OmegaConf.to_container(cfg, resolve=True)
+    before = OmegaConf.to_container(saved, resolve=True)
+    differs = [
+        k
+        for k in current
+        if k not in ("trainer", "run") and before.get(k) != current[k]
+    ]
+    if differs:
+        raise ConfigError(
+            f"run.dir={path} holds a run with another {', '.join(differs)}; "
+            "run.resume=auto continues only the same experiment: choose another "
+            "run.dir, or drop run.resume=auto"
+        )
+    if not (path / "checkpoints" / "last.ckpt").is_file():
+        return "restart", path
+    manifest = json.loads((path / MANIFEST).read_text())
+    if (
+        manifest.get("status") == "finished"
+        and cfg.trainer.max_epochs <= saved.trainer.max_epochs
+    ):
+        return "finished", path
+    return "resume", path
+
+
 def update_manifest(run_dir: Path, **fields: Any) -> None:
     manifest = json.loads((run_dir / MANIFEST).read_text())
     manifest.update(fields)
