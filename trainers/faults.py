@@ -113,13 +113,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
+            # torch's zip writer reports a short write as a RuntimeError.
+            if isinstance(err, OSError):
+                reason = err.strerror or str(err)
+            elif "unexpected pos" in str(err) or "file write failed" in str(err):
+                reason = "the file could not be written in full: is the disk full?"
+            else:
+                raise
             tmp.unlink(missing_ok=True)
             kept = (
                 f"the previous {path.name} is intact" if path.exists() else "none kept"
             )
             raise ConfigError(
-                f"cannot write the checkpoint {path} ({err.strerror or err}); {kept}. "
+                f"cannot write the checkpoint {path} ({reason}); {kept}. "
                 "Free space or fix permissions there, then continue with "
                 f"dltrain fit --resume {path.parent.parent}"
             ) from None

@@ -1,0 +1,340 @@
+"""Jobs that die: signals mid-epoch, requeue with run.resume=auto, torchrun,
+elastic restarts after a killed worker, full disks, crafted checkpoints, seeds.
+
+Every run is a real `dltrain` process (and real workers); "the same weights"
+means bitwise equal on CPU with trainer.deterministic=true.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import dltrain_exe, run_dltrain
+
+# Short epochs of small batches, a step checkpoint every 25 steps.
+SAME = [
+    "trainer.deterministic=true",
+    "trainer.progress=plain",
+    "data.batch_size=8",
+    "trainer.max_epochs=3",
+    "trainer.limit_val_batches=3",
+    "checkpoint.every_n_steps=25",
+    "report.plots=false",
+]
+DDP = ["strategy=ddp", "trainer.devices=2"]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    path = run / "checkpoints" / "last.ckpt"
+    return torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def _step(run: Path) -> int:
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    return ckpt["global_step"]
+
+
+def _start(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _wait_for_new(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Return once ``path`` is (re)written after now, while ``proc`` still runs."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.stat().st_mtime_ns > before):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} was not written"
+        time.sleep(0.02)
+
+
+def _no_process_left(marker: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = [
+            p
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and marker.encode() in _cmdline(p)
+        ]
+        if not alive:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"processes left running: {alive}")
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted runs: one process, and DDP on two."""
+    cwd = tmp_path_factory.mktemp("whole")
+    runs = {}
+    for name, extra in (("single", []), ("ddp", DDP)):
+        result = run_dltrain("fit", *SAME, *extra, f"run.dir={name}", cwd=cwd)
+        assert result.code == 0, result
+        runs[name] = cwd / name
+    return runs
+
+
+@pytest.mark.parametrize("name", ["single", "ddp"])
+def test_sigterm_mid_epoch_saves_the_step_and_resume_is_exact(whole, tmp_path, name):
+    extra = DDP if name == "ddp" else []
+    last = tmp_path / "cut/checkpoints/last.ckpt"
+    proc = _start(tmp_path, dltrain_exe(), "fit", *SAME, *extra, "run.dir=cut")
+    _wait_for_new(last, proc)  # the first step checkpoint, inside epoch 1
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.count("interrupted by SIGTERM; the run directory records it") == 1
+    assert "Traceback" not in err
+    step = _step(tmp_path / "cut")
+    steps_per_epoch = 158 if name == "single" else 79
+    assert 25 <= step < steps_per_epoch, "the stop must land inside the first epoch"
+    assert _manifest(tmp_path / "cut")["status"] == "interrupted"
+    _no_process_left(str(tmp_path / "cut"))
+
+    again = run_dltrain("fit", "--resume", "cut", cwd=tmp_path)
+    assert again.code == 0, again
+    assert "resuming from last.ckpt" in again.err
+    _assert_same_weights(whole[name], tmp_path / "cut")
+
+
+def test_sigusr1_requeue_loop_with_resume_auto(whole, tmp_path):
+    """What scripts/slurm.sbatch does: the same command, again and again."""
+    command = [dltrain_exe(), "fit", *SAME, "run.dir=job", "run.resume=auto"]
+    last = tmp_path / "job/checkpoints/last.ckpt"
+    steps = []
+    for attempt in range(2):
+        proc = _start(tmp_path, *command)
+        _wait_for_new(last, proc)
+        os.killpg(proc.pid, signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 138, err[-2000:]  # 128 + SIGUSR1: requeue me
+        assert ("continuing" in err) == (attempt == 1), err[-2000:]
+        steps.append(_step(tmp_path / "job"))
+    assert steps[1] > steps[0]
+    done = run_dltrain(*command[1:], cwd=tmp_path)
+    assert done.code == 0, done
+    assert "run.resume=auto: continuing" in done.err
+    _assert_same_weights(whole["single"], tmp_path / "job")
+    manifest = _manifest(tmp_path / "job")
+    assert manifest["status"] == "finished" and len(manifest["resumes"]) == 2
+    again = run_dltrain(*command[1:], cwd=tmp_path)
+    assert again.code == 0 and "finished its 3 epochs already" in again.err, again
+    assert _manifest(tmp_path / "job") == manifest  # nothing was run or rewritten
+
+    other = run_dltrain(*command[1:], "model.hidden=32", cwd=tmp_path)
+    assert other.code == 2 and "holds a run with another model" in other.err, other
+
+
+def test_torchrun_sigterm_then_resume_auto(whole, tmp_path):
+    """Under torchrun the agent forwards SIGTERM; every rank stops at one step."""
+    torchrun = str(Path(dltrain_exe()).with_name("torchrun"))
+    command = [
+        torchrun,
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        dltrain_exe(),
+        "fit",
+        *SAME,
+        "strategy=ddp",
+        "run.dir=job",
+        "run.resume=auto",
+    ]
+    proc = _start(tmp_path, *command)
+    _wait_for_new(tmp_path / "job/checkpoints/last.ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert err.count("interrupted by SIGTERM; the run directory records it") == 1
+    assert _manifest(tmp_path / "job")["status"] == "interrupted"
+    _no_process_left(str(tmp_path / "job"))
+    done = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run.resume=auto: continuing" in done.stderr
+    _assert_same_weights(whole["ddp"], tmp_path / "job")
+
+
+def _worker_pids(run_dir: Path) -> dict[int, int]:
+    """Global rank -> pid of the workers of one run (from /proc)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        cmd = _cmdline(proc)
+        if b"dltrain.trainers.worker" not in cmd or str(run_dir).encode() not in cmd:
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
+        if ranks:
+            found[ranks[0]] = int(proc.name)
+    return found
+
+
+def test_a_killed_worker_is_restarted_and_the_run_finishes(whole, tmp_path):
+    run = tmp_path / "elastic"
+    args = [*SAME, *DDP, "run.max_restarts=1", f"run.dir={run}"]
+    proc = _start(tmp_path, dltrain_exe(), "fit", *args)
+    _wait_for_new(run / "checkpoints/last.ckpt", proc)
+    os.kill(_worker_pids(run)[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    restarts = _manifest(run)["restarts"]
+    assert len(restarts) == 1 and restarts[0]["attempt"] == 1
+    assert restarts[0]["resumed_from"] == "checkpoints/last.ckpt"
+    assert "local rank 1 died without recording an error" in restarts[0]["causes"][0]
+    assert _manifest(run)["status"] == "finished"
+    _assert_same_weights(whole["ddp"], run)  # the restart resumed exactly
+
+    # Without restarts the same failure ends the run, and says so.
+    failing = tmp_path / "no_restart"
+    proc = _start(tmp_path, dltrain_exe(), "fit", *SAME, *DDP, f"run.dir={failing}")
+    _wait_for_new(failing / "checkpoints/last.ckpt", proc)
+    os.kill(_worker_pids(failing)[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "was killed by signal 9" in err, err[-2000:]
+    assert _manifest(failing)["status"] == "failed"
+    _no_process_left(str(failing))
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    first = run_dltrain(
+        "fit", *SAME, "trainer.max_epochs=1", "run.dir=run", cwd=tmp_path
+    )
+    assert first.code == 0, first
+    before = _digest(tmp_path / "run/checkpoints/last.ckpt")
+
+    def small_files() -> None:  # writes past 200 kB fail as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    result = subprocess.run(
+        [dltrain_exe(), "fit", "--resume", "run", "trainer.max_epochs=2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cannot write the checkpoint" in result.stderr
+    assert "is the disk full?" in result.stderr and "is intact" in result.stderr
+    assert _digest(tmp_path / "run/checkpoints/last.ckpt") == before
+    assert not list((tmp_path / "run/checkpoints").glob(".*tmp*"))
+    assert _manifest(tmp_path / "run")["status"] == "failed"
+    ok = run_dltrain("fit", "--resume", "run", "trainer.max_epochs=2", cwd=tmp_path)
+    assert ok.code == 0, ok  # with room again, the run continues from the kept file
+
+
+class _Payload:
+    """Unpickling this would create a file: a checkpoint must never run it."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_checkpoints_are_loaded_without_running_their_code(tmp_path):
+    ok = run_dltrain("fit", *SAME, "trainer.max_epochs=1", "run.dir=run", cwd=tmp_path)
+    assert ok.code == 0, ok
+    run = tmp_path / "run"
+    checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    pwned = tmp_path / "pwned"
+    checkpoint["payload"] = _Payload(pwned)
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, crafted)
+    intact = {p.name: _digest(p) for p in (run / "checkpoints").iterdir()}
+
+    evaluated = run_dltrain("eval", "--ckpt", str(crafted), cwd=tmp_path)
+    assert evaluated.code == 2 and "refused" in evaluated.err, evaluated
+    (run / "checkpoints/last.ckpt").write_bytes(crafted.read_bytes())
+    resumed = run_dltrain(
+        "fit", "--resume", "run", "trainer.max_epochs=2", cwd=tmp_path
+    )
+    assert resumed.code == 2 and "refused" in resumed.err, resumed
+    assert not pwned.exists(), "loading a checkpoint ran code from it"
+
+    (run / "checkpoints/last.ckpt").write_bytes(b"")
+    empty = run_dltrain("fit", "--resume", "run", "trainer.max_epochs=2", cwd=tmp_path)
+    assert empty.code == 2 and "not a loadable checkpoint" in empty.err, empty
+    assert _digest(run / "checkpoints/best.ckpt") == intact["best.ckpt"]
+
+
+def test_one_seed_one_run_and_different_streams_per_rank(tmp_path):
+    from dltrain.trainers.run import rank_seed
+
+    def draws(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return torch.rand(8)
+
+    assert torch.equal(draws(rank_seed(42, 0)), draws(rank_seed(42, 0)))
+    assert not torch.equal(draws(rank_seed(42, 0)), draws(rank_seed(42, 1)))
+    assert rank_seed(42, 1) != rank_seed(43, 0)
+
+    tiny = ["trainer.max_epochs=2", "trainer.deterministic=true", "report.plots=false"]
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        result = run_dltrain(
+            "fit", *tiny, f"seed={seed}", f"run.dir={name}", cwd=tmp_path
+        )
+        assert result.code == 0, result
+    _assert_same_weights(tmp_path / "a", tmp_path / "b")
+    wa, wc = _weights(tmp_path / "a"), _weights(tmp_path / "c")
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    # Epochs differ: each draws its own order of the training set, the same
+    # order for the same seed and epoch.
+    from dltrain.data.datamodules import ImageDataModule
+    from dltrain.data.readers import load_digits
+
+    def order(seed: int, epoch: int) -> list[int]:
+        data = ImageDataModule(load_digits(), 64, 0.1, 0.2, seed)
+        sampler = data.train_dataloader().sampler
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
