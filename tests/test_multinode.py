@@ -197,3 +197,66 @@ def test_torchrun_script_names_a_missing_dltrain(tmp_path):
     )
     assert proc.returncode == 2
     assert f"dltrain executable '{tmp_path / 'no-dltrain'}' not found" in proc.stderr
+
+
+def test_slurm_script_requeues_on_sigusr1_and_the_requeued_job_continues(tmp_path):
+    """scripts/slurm.sbatch with stand-ins for srun (one task, here) and scontrol
+    (which records the requeue): no Slurm on this machine."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        "while [[ $1 == --* ]]; do shift; done\n"
+        "export SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1 SLURM_NODELIST=localhost\n"
+        'exec "$@"\n'
+    )
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\necho "$@" >> {tmp_path / "scontrol.log"}\n'
+    )
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{Path(dltrain_exe()).parent}:{os.environ['PATH']}",
+        "SLURM_NNODES": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NAME": "digits",
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [
+        "bash",
+        str(REPO / "scripts" / "slurm.sbatch"),
+        "strategy=single",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=3",
+        "data.batch_size=8",
+        "checkpoint.every_n_steps=20",
+        "report.plots=false",
+    ]
+    run = tmp_path / "runs" / "digits-77"
+    job = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.ckpt").exists():
+        assert job.poll() is None, job.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for pid in _processes_mentioning("run.dir=runs/digits-77"):
+        if "slurm.sbatch" not in Path(f"/proc/{pid}/cmdline").read_text():
+            os.kill(pid, signal.SIGUSR1)  # what --signal=USR1@120 sends the tasks
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 138, err[-2000:]
+    assert "requeueing job 77" in err
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
+    assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
+
+    again = subprocess.run(
+        args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "run.resume=auto: continuing" in again.stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and len(manifest["resumes"]) == 1
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
