@@ -123,11 +123,14 @@ class _ShardedDataModule(pl.LightningDataModule):
     val_set: Dataset
     test_set: Dataset
 
-    def __init__(self, batch_size: int, num_workers: int, seed: int):
+    def __init__(
+        self, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False
+    ):
         super().__init__()
         self.eval_split = "test"  # what `trainer.test` evaluates: "test" or "val"
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self.seed = seed
 
     def _rank_world(self) -> tuple[int, int]:
@@ -146,6 +149,7 @@ class _ShardedDataModule(pl.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
             # Its own seed stream: starting an epoch's iterator never draws from
             # the global one, so a run resumed mid-epoch draws what it would have.
             generator=torch.Generator().manual_seed(self.seed),
@@ -193,8 +197,9 @@ class ImageDataModule(_ShardedDataModule):
         num_workers: int = 0,
         fold: int | None = None,
         folds: int | None = None,
+        pin_memory: bool = False,
     ):
-        super().__init__(batch_size, num_workers, seed)
+        super().__init__(batch_size, num_workers, seed, pin_memory)
         train, val, test = split_indices(
             images.labels, val_fraction, test_fraction, seed, fold, folds, images.source
         )
@@ -246,8 +251,9 @@ class TextDataModule(_ShardedDataModule):
         seed: int,
         num_workers: int = 0,
         vocab: str | None = None,
+        pin_memory: bool = False,
     ):
-        super().__init__(batch_size, num_workers, seed)
+        super().__init__(batch_size, num_workers, seed, pin_memory)
         min_chars = text_min_chars(window, val_fraction, test_fraction)
         text, source = read_text(Path(path) if path else None, min_chars)
         if vocab is None:

@@ -21,6 +21,8 @@ class Throughput(Callback):
 
     def __init__(self):
         self.epochs: list[float] = []
+        self.first_step_unix: float | None = None  # wall clock of the first step
+        self.epoch_end_unix: list[float] = []
         self._start = 0.0
         self._paused = 0.0
         self._samples = 0
@@ -30,6 +32,10 @@ class Throughput(Callback):
 
     # A run resumed mid-epoch starts without on_train_epoch_start.
     on_train_start = on_train_epoch_start
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first_step_unix is None:
+            self.first_step_unix = time.time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._samples += len(batch[1])
@@ -48,6 +54,7 @@ class Throughput(Callback):
         replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
         count = self._samples * (replicas["num_replicas"] if replicas else 1)
         self.epochs.append(count / seconds if seconds > 0 else 0.0)
+        self.epoch_end_unix.append(time.time())
 
     def summary(self) -> dict[str, Any]:
         """Median over the epochs after the first (which warms up)."""
@@ -57,6 +64,8 @@ class Throughput(Callback):
             if steady
             else None,
             "per_epoch": [round(v, 1) for v in self.epochs],
+            "first_step_unix": self.first_step_unix,
+            "epoch_end_unix": self.epoch_end_unix,
         }
 
 

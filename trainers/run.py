@@ -86,6 +86,7 @@ def build_datamodule(
             seed=cfg.seed,
             num_workers=data.num_workers,
             vocab=vocab,
+            pin_memory=data.pin_memory,
         )
     images = load_digits() if data.name == "digits" else load_mnist(Path(data.root))
     return ImageDataModule(
@@ -97,6 +98,7 @@ def build_datamodule(
         num_workers=data.num_workers,
         fold=data.fold,
         folds=data.folds,
+        pin_memory=data.pin_memory,
     )
 
 
@@ -171,6 +173,8 @@ def build_module(
             gradient_clip_val=cfg.trainer.gradient_clip_val,
             on_plan=functools.partial(_record_plan, cfg, run_dir) if run_dir else None,
         )
+    if cfg.trainer.compile:
+        net.compile()  # in place: the state dict keeps its keys
     module = TaskModule(net, **common)
     if name == "fsdp":
         from dltrain.trainers.strategies import shard
@@ -410,7 +414,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Test ``module`` on one split; rank 0 writes the report files and plots."""
     info = datamodule.info
+    began = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)
+    test_seconds = time.perf_counter() - began
     report = {
         "task": info.task,
         "split": split,
@@ -423,6 +429,10 @@ def evaluate(
         "strategy": cfg.strategy.name,
         "world_size": trainer.world_size,
         "seconds": round(time.monotonic() - start, 1),
+        # The whole test phase: loading, forward passes, metrics and their sync.
+        "test_samples_per_s": round(
+            info.sizes["val" if split == "val" else "test"] / test_seconds, 1
+        ),
     }
     if not trainer.is_global_zero:
         return report

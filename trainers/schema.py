@@ -75,6 +75,7 @@ class DigitsConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     num_workers: int = 0
+    pin_memory: bool = False
     fold: int | None = None
     folds: int | None = None
 
@@ -87,6 +88,7 @@ class MNISTConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     num_workers: int = 0
+    pin_memory: bool = False
     fold: int | None = None
     folds: int | None = None
 
@@ -102,6 +104,7 @@ class TextConfig:
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     num_workers: int = 0
+    pin_memory: bool = False
 
 
 @dataclass
@@ -170,6 +173,7 @@ class TrainerConfig:
     limit_val_batches: float | None = None
     log_every_n_steps: int = 10
     progress: Progress = Progress.auto
+    compile: bool = False
 
 
 @dataclass
@@ -386,6 +390,11 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError(
             f"strategy.backend={cfg.strategy.backend!r} is not supported; "
             "choose gloo, nccl or null (nccl on GPU, gloo on CPU)"
+        )
+    if trainer.compile and cfg.strategy.name in ("fsdp", "pipeline"):
+        raise ConfigError(
+            f"trainer.compile=true is not supported with strategy={cfg.strategy.name} "
+            "(its wrapped modules or stages are not compiled); use it with single or ddp"
         )
     if cfg.strategy.name == "fsdp":
         _check_fsdp(cfg)
