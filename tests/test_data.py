@@ -646,7 +646,7 @@ def test_text_module_items_are_window_and_next_char(shakespeare, part):
 def test_text_module_loaders(shakespeare):
     _, module = shakespeare
     train = module.train_dataloader()
-    assert isinstance(train.sampler, EpochSampler)
+    assert isinstance(train.sampler.sampler, EpochSampler)  # inside ResumableSampler
     assert len(train.sampler) == 1000
     x, y = next(iter(train))
     assert x.shape == (32, WINDOW)
