@@ -62,8 +62,7 @@ def _start(cwd: Path, *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,  # the same threads as the runs it is compared with
     )
 
 
