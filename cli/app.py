@@ -85,7 +85,11 @@ def _errors_to_exit_codes(command):
         except (ConfigError, DataError) as err:
             if State.debug:
                 raise
-            if os.environ.get("RANK", "0") == "0":  # every rank sees the same mistake
+            from dltrain.trainers.errors import LauncherError
+
+            # Every rank sees the same mistake: rank 0 says it (all of them say
+            # what is wrong with the launcher's own variables).
+            if os.environ.get("RANK", "0") == "0" or isinstance(err, LauncherError):
                 typer.echo(f"error: {err}", err=True)
             raise typer.Exit(USAGE_ERROR) from None
         except KeyboardInterrupt:
@@ -448,4 +452,19 @@ def config_show(config: ConfigFile = None, overrides: Overrides = None) -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+        code = 0
+    except SystemExit as done:
+        code = (
+            done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        )
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        # Under torchrun/srun this process is a rank: leave like a worker does.
+        from dltrain.trainers.worker import leave
+
+        leave(code)
+    sys.exit(code)

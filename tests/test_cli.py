@@ -305,6 +305,18 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
             ],
             "strategy.cpu_offload=true moves sharded parameters",
         ),
+        "pipeline in bf16-true": (
+            ["fit", *pipe2, "trainer.precision=bf16-true"],
+            "trainer.precision=bf16-true is not supported with strategy=pipeline",
+        ),
+        "fsdp in 64-true": (
+            ["fit", "strategy=fsdp", "trainer.precision=64-true"],
+            "trainer.precision=64-true is not supported with strategy=fsdp",
+        ),
+        "pipeline size zero": (
+            ["fit", *pipe2, "strategy.pipeline_size=0"],
+            "strategy.pipeline_size=0 must be at least 2",
+        ),
         "plan of a bad pipeline": (
             ["plan", *pipe2, "strategy.split_points=[0]"],
             "strategy.split_points=[0] must list",
@@ -407,6 +419,28 @@ def test_launcher_layout_mismatches_are_refused(dltrain):
     result = dltrain("fit", "strategy=ddp", env=uneven)
     assert result.code == 2, result
     assert "srun started 3 tasks on 2 nodes" in result.err
+    for env, message in (
+        ({**torchrun, "RANK": "5"}, "RANK=5, WORLD_SIZE=2"),
+        ({**torchrun, "WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' must be an integer"),
+        ({**torchrun, "LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0' must be"),
+        (
+            {
+                **uneven,
+                "SLURM_PROCID": "7",
+                "SLURM_NTASKS": "2",
+                "SLURM_NNODES": "1",
+                "SLURM_NTASKS_PER_NODE": "2",
+            },
+            "SLURM_PROCID=7 but SLURM_NTASKS=2",
+        ),
+        ({"SLURM_NTASKS": "4", "SLURM_NNODES": "2"}, "no SLURM_PROCID"),
+        (
+            {**uneven, "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "4"},
+            "srun started 4 tasks on 2 nodes",
+        ),
+    ):
+        result = dltrain("fit", "strategy=fsdp", env=env, timeout=60)
+        assert result.code == 2 and message in result.err, result
     four = {**torchrun, "WORLD_SIZE": "4"}
     result = dltrain("fit", "strategy=pipeline", "strategy.pipeline_size=3", env=four)
     assert result.code == 2, result

@@ -44,3 +44,46 @@ def check_model(checkpoint: dict[str, Any], wanted: dict[str, Any], path: Path) 
             f"the config asks for model={wanted.get('name')} with {wanted}; evaluate "
             "the checkpoint with its own config: dltrain eval --ckpt FILE"
         )
+
+
+# Keys a resume may change: how to train on, not what is trained.
+RESUMABLE_CHANGES = ("trainer", "run", "checkpoint", "report")
+
+
+def check_resumable(run_dir: Path, cfg: Any, world_size: int | None = None) -> Path:
+    """The run's ``last.ckpt``, checked to come from this config (and, for a
+    pipeline, from this world size); raises ConfigError naming the difference.
+
+    Called before the run folder is touched, and again by every rank."""
+    from omegaconf import OmegaConf
+
+    from dltrain.trainers.errors import ConfigError
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(
+            f"{run_dir} has no checkpoints/last.ckpt to resume from (it stopped "
+            "before its first checkpoint); start it again with dltrain fit"
+        )
+    checkpoint = read_checkpoint(last)
+    saved = checkpoint[CHECKPOINT_KEY]["config"]
+    current = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    differs = [
+        key
+        for key in current
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]
+    ]
+    if differs:
+        raise ConfigError(
+            f"{last} was written with another {', '.join(differs)} than {run_dir}/"
+            "config.yaml; resume refuses a checkpoint of another run"
+        )
+    states = checkpoint.get("optimizer_states") or [{}]
+    ranks = states[0].get("per_rank") if isinstance(states[0], dict) else None
+    if world_size is not None and ranks is not None and len(ranks) != world_size:
+        raise ConfigError(
+            f"{last} holds the optimizer states of a pipeline on {len(ranks)} "
+            f"processes, not {world_size}; resume it with trainer.devices x "
+            f"trainer.num_nodes = {len(ranks)}"
+        )
+    return last

@@ -9,6 +9,11 @@ class ConfigError(Exception):
     """
 
 
+class LauncherError(ConfigError):
+    """Launcher variables (RANK, SLURM_*) that contradict each other: every
+    process prints it, since rank 0 may be the one that is wrong or missing."""
+
+
 class Stopped(Exception):
     """A signal (SIGINT, SIGTERM, SIGUSR1) stopped training at a step boundary,
     after every rank agreed and the last checkpoint was written."""

@@ -51,6 +51,9 @@ class StopSignals(Callback):
             return
         for sig in STOP_SIGNALS:
             previous = signal.signal(sig, self._handle)
+            # Restart interrupted system calls: a signal landing in a gloo
+            # send or receive must not fail it on one rank only.
+            signal.siginterrupt(sig, False)
             self._previous.setdefault(sig, previous)
 
     def _restore(self, *args: Any) -> None:

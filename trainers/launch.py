@@ -27,7 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dltrain.trainers import rundir
-from dltrain.trainers.errors import ConfigError, Stopped
+from dltrain.trainers.errors import ConfigError, LauncherError, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +74,59 @@ def _signal_number(err: BaseException) -> int:
 
 
 def launcher_env() -> dict[str, int] | None:
-    """World layout set by an external launcher (torchrun or srun), if any."""
+    """World layout set by an external launcher (torchrun or srun), if any.
+
+    Raises ConfigError for variables that contradict each other (a rank beyond
+    the world size, say): they would leave the processes waiting for peers.
+    """
     env = os.environ
     if "TORCHELASTIC_RUN_ID" in env or (
         "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env
     ):
-        world = int(env["WORLD_SIZE"])
-        local = int(env.get("LOCAL_WORLD_SIZE", world))
-        return {"rank": int(env["RANK"]), "world_size": world, "devices": local}
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        world = int(env["SLURM_NTASKS"])
-        nodes = int(env.get("SLURM_NNODES", "1"))
-        return {
-            "rank": int(env["SLURM_PROCID"]),
-            "world_size": world,
-            "devices": world // nodes,
-        }
+        world = _env_int("WORLD_SIZE", 1)
+        rank = _env_int("RANK", 0)
+        local = _env_int("LOCAL_WORLD_SIZE", 1, default=world)
+        local_rank = _env_int("LOCAL_RANK", 0, default=0)
+        if rank >= world or world % local or local_rank >= local:
+            raise LauncherError(
+                f"the launcher's variables contradict each other: RANK={rank}, "
+                f"WORLD_SIZE={world}, LOCAL_RANK={local_rank}, LOCAL_WORLD_SIZE="
+                f"{local}; start dltrain with torchrun, or unset them"
+            )
+        return {"rank": rank, "world_size": world, "devices": local}
+    if "SLURM_NTASKS" in env and _env_int("SLURM_NTASKS", 1) > 1:
+        world = _env_int("SLURM_NTASKS", 1)
+        nodes = _env_int("SLURM_NNODES", 1, default=1)
+        if "SLURM_PROCID" not in env:
+            raise LauncherError(
+                f"SLURM_NTASKS={world} but no SLURM_PROCID: this is not an srun "
+                "task; start dltrain with srun (one task per process), or with "
+                "SLURM_NTASKS unset"
+            )
+        rank = _env_int("SLURM_PROCID", 0)
+        if rank >= world:
+            raise LauncherError(
+                f"SLURM_PROCID={rank} but SLURM_NTASKS={world}: the srun variables "
+                "contradict each other; start dltrain with srun"
+            )
+        return {"rank": rank, "world_size": world, "devices": max(1, world // nodes)}
     return None
+
+
+def _env_int(name: str, minimum: int, default: int | None = None) -> int:
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        value = int(text or "")
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise LauncherError(
+            f"the environment variable {name}={text!r} must be an integer >= "
+            f"{minimum} (set by torchrun or srun); start dltrain with them, or unset it"
+        )
+    return value
 
 
 def preflight(cfg: DictConfig) -> DictConfig:
@@ -165,11 +201,14 @@ def _check_slurm_layout() -> None:
     env = os.environ
     if "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
         return
-    tasks, nodes = int(env["SLURM_NTASKS"]), int(env.get("SLURM_NNODES", "1"))
+    tasks = _env_int("SLURM_NTASKS", 1)
+    nodes = _env_int("SLURM_NNODES", 1, default=1)
     per_node = env.get("SLURM_NTASKS_PER_NODE", "")
     uneven = tasks % nodes or ("(" in per_node or "," in per_node)
+    if per_node.isdigit() and int(per_node) * nodes != tasks:
+        uneven = True
     if uneven:
-        raise ConfigError(
+        raise LauncherError(
             f"srun started {tasks} tasks on {nodes} nodes (SLURM_NTASKS_PER_NODE="
             f"{per_node or 'unset'}); dltrain needs the same number of tasks on every "
             "node: use --ntasks-per-node=G with --nodes=N"
@@ -316,8 +355,11 @@ def start(
 def _prepare(cfg, overrides, job, make_dir, resume, world) -> tuple[Path, str]:
     """On one process: the run directory, and whether the run starts "fresh",
     "resume"s, or has "finished" already (run.resume=auto)."""
+    from dltrain.trainers.checkpoint import check_resumable
+
     if resume is not None:
-        rundir.resume_run(resume, cfg, overrides)
+        check_resumable(resume, cfg, world)  # before the run folder is touched
+        rundir.resume_run(resume, cfg, overrides, world)
         return resume, "resume"
     if job == "fit":
         action, path = rundir.auto_resume(cfg)
@@ -329,7 +371,8 @@ def _prepare(cfg, overrides, job, make_dir, resume, world) -> tuple[Path, str]:
                 file=sys.stderr,
                 flush=True,
             )
-            rundir.resume_run(path, cfg, overrides)
+            check_resumable(path, cfg, world)
+            rundir.resume_run(path, cfg, overrides, world)
             return path, action
         if action == "restart":
             print(

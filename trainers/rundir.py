@@ -110,15 +110,28 @@ def write_run(
     return manifest
 
 
-def resume_run(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
+def resume_run(
+    run_dir: Path, cfg: DictConfig, overrides: list[str], world_size: int
+) -> None:
     """Record a resume in the manifest; ``config.yaml`` takes the new trainer values."""
     (run_dir / CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     manifest = json.loads((run_dir / MANIFEST).read_text())
     resumes = manifest.get("resumes", [])
     resumes.append(
-        {"at": finished_at(), "overrides": overrides, "after": manifest["status"]}
+        {
+            "at": finished_at(),
+            "overrides": overrides,
+            "after": manifest["status"],
+            "world_size": world_size,
+        }
     )
-    manifest.update(status="running", resumes=resumes)
+    manifest.update(
+        status="running",
+        resumes=resumes,
+        world_size=world_size,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+    )
     write_json(run_dir / MANIFEST, manifest)
 
 

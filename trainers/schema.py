@@ -396,6 +396,13 @@ def _check_values(cfg: DictConfig) -> None:
             f"trainer.compile=true is not supported with strategy={cfg.strategy.name} "
             "(its wrapped modules or stages are not compiled); use it with single or ddp"
         )
+    supported = {"fsdp": PRECISIONS[:4], "pipeline": ("32-true", "bf16-mixed")}
+    allowed = supported.get(cfg.strategy.name, PRECISIONS)
+    if trainer.precision not in allowed:
+        raise ConfigError(
+            f"trainer.precision={trainer.precision} is not supported with "
+            f"strategy={cfg.strategy.name}; choose one of: {', '.join(allowed)}"
+        )
     if cfg.strategy.name == "fsdp":
         _check_fsdp(cfg)
     if cfg.strategy.name == "pipeline":
@@ -427,7 +434,7 @@ def check_pipeline(cfg: DictConfig, world: int) -> None:
             f"{cfg.trainer.num_nodes} make {world}; set trainer.devices=2 (or more), "
             "or use strategy=single"
         )
-    size = pipe.pipeline_size or world
+    size = world if pipe.pipeline_size is None else pipe.pipeline_size
     if size < 2 or world % size:
         raise ConfigError(
             f"strategy.pipeline_size={pipe.pipeline_size} must be at least 2 and divide "

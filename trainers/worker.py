@@ -147,26 +147,43 @@ def main(argv: list[str] | None = None) -> None:
     try:
         join_process_group(args.run_dir, restart)
         execute(args.run_dir, args.job, args.ckpt, resume=resume)
+        code = 0
     except Stopped as err:  # every rank agreed to stop; last.ckpt is written
         if rank == "0":
             print(f"{err}; last.ckpt holds the last step", file=sys.stderr, flush=True)
-        sys.exit(128 + err.signum)
+        code = 128 + err.signum
     except (ConfigError, DataError) as err:
         if rank == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2
     except Exception as err:
         _record_error(err)  # for the restart's manifest entry, and the agent
         if debug:
             raise
         kind = "" if type(err).__name__ == "LossDiverged" else f"{type(err).__name__}: "
         print(f"error: [rank {rank}] {kind}{err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        code = 1
+    leave(code)
 
+
+def leave(code: int) -> None:
+    """End a process that joined a process group, with ``code``.
+
+    The group is destroyed, the streams flushed, and the interpreter left at
+    once: C++ destructors of torch's communication threads at interpreter exit
+    once aborted a finished run ("terminate called without an active
+    exception"), turning its exit code into SIGABRT.
+    """
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer already gone: nothing left to tear down
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
