@@ -337,3 +337,25 @@ def test_one_seed_one_run_and_different_streams_per_rank(tmp_path):
 
     assert order(1, 0) == order(1, 0)
     assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
+
+
+def test_checkpoint_interval_and_snapshots_kept(tmp_path):
+    result = run_dltrain(
+        "fit",
+        "trainer.max_epochs=4",
+        "checkpoint.keep=2",
+        "checkpoint.every_n_steps=7",
+        "report.plots=false",
+        "run.dir=run",
+        cwd=tmp_path,
+    )
+    assert result.code == 0, result
+    names = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    # epoch indexes from 0: the two most recent of 0..3 are kept
+    assert names == ["best.ckpt", "epoch-0002.ckpt", "epoch-0003.ckpt", "last.ckpt"]
+    snapshot = torch.load(
+        tmp_path / "run/checkpoints/epoch-0002.ckpt", weights_only=True
+    )
+    assert snapshot["epoch"] == 2
+    bad = run_dltrain("fit", "checkpoint.keep=-1", cwd=tmp_path)
+    assert bad.code == 2 and "checkpoint.keep=-1 must be >= 0" in bad.err, bad

@@ -246,6 +246,19 @@ def build_trainer(
     )
     progress = progress_callbacks(t.progress.value)
     safety = [StopSignals(folder / "last.ckpt")]
+    if cfg.checkpoint.keep:
+        safety.append(
+            ModelCheckpoint(
+                dirpath=folder,
+                filename="epoch-{epoch:04d}",
+                monitor="epoch",  # the most recent K epochs
+                mode="max",
+                save_top_k=cfg.checkpoint.keep,
+                every_n_epochs=cfg.checkpoint.every_n_epochs,
+                auto_insert_metric_name=False,
+                enable_version_counter=False,
+            )
+        )
     if cfg.checkpoint.every_n_steps:
         safety.append(
             StepCheckpoint(folder / "last.ckpt", cfg.checkpoint.every_n_steps)

@@ -204,6 +204,7 @@ class RunConfig:
 class CheckpointConfig:
     every_n_epochs: int = 1
     every_n_steps: int | None = None
+    keep: int = 0
 
 
 @dataclass
@@ -318,6 +319,11 @@ def _check_values(cfg: DictConfig) -> None:
             )
     positive("checkpoint.every_n_epochs", cfg.checkpoint.every_n_epochs)
     positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps)
+    if cfg.checkpoint.keep < 0:
+        raise ConfigError(
+            f"checkpoint.keep={cfg.checkpoint.keep} must be >= 0 (epoch snapshots "
+            "kept besides last.ckpt and best.ckpt; 0 keeps none)"
+        )
     if cfg.run.resume not in ("never", "auto"):
         raise ConfigError(
             f"run.resume={cfg.run.resume!r} must be never or auto (auto: continue "
