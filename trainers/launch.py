@@ -475,6 +475,9 @@ def _spawn_workers(
         elastic_launch(config, entrypoint=sys.executable)(*args)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
+        killed = [(r, f) for r, f in sorted(err.failures.items()) if f.exitcode < 0]
+        if killed:  # a killed worker is the cause; its peers' errors follow from it
+            rank, failure = killed[0]
         signum = failure.exitcode - 128
         if signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             # The workers were signalled, not this process: they stopped cleanly.
