@@ -17,44 +17,48 @@ from pytorch_lightning.callbacks import Callback
 
 
 class Throughput(Callback):
-    """Training samples per second of each epoch, validation time left out."""
+    """Training samples per second of each epoch: from the epoch's first batch
+    to its last, validation in between left out. Work at the epoch's edges
+    (validation, checkpoints) is not training throughput and is not counted."""
 
     def __init__(self):
         self.epochs: list[float] = []
         self.first_step_unix: float | None = None  # wall clock of the first step
         self.epoch_end_unix: list[float] = []
-        self._start = 0.0
+        self._start: float | None = None
+        self._last = 0.0
         self._paused = 0.0
         self._samples = 0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._start, self._paused, self._samples = time.perf_counter(), 0.0, 0
-
-    # A run resumed mid-epoch starts without on_train_epoch_start.
-    on_train_start = on_train_epoch_start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.first_step_unix is None:
             self.first_step_unix = time.time()
+        if self._start is None:
+            self._start, self._paused, self._samples = time.perf_counter(), 0.0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._samples += len(batch[1])
+        self._last = time.perf_counter()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._val_start = time.perf_counter()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        if trainer.training:
-            self._paused += time.perf_counter() - self._val_start
+        if trainer.training and self._start is not None:
+            if self._val_start < self._last:  # validation inside the epoch
+                self._paused += time.perf_counter() - self._val_start
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        seconds = time.perf_counter() - self._start - self._paused
+        if self._start is None:
+            return
+        seconds = self._last - self._start - self._paused
         # Samples seen by all data-parallel replicas (the stages of one pipeline
         # share their batch): this rank's count times the replicas.
         replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
         count = self._samples * (replicas["num_replicas"] if replicas else 1)
         self.epochs.append(count / seconds if seconds > 0 else 0.0)
         self.epoch_end_unix.append(time.time())
+        self._start = None
 
     def summary(self) -> dict[str, Any]:
         """Median over the epochs after the first (which warms up)."""

@@ -445,15 +445,7 @@ class PipelineModule(TaskModule):
         if self.gradient_clip_val:
             self._clip(params, self.gradient_clip_val)
         optimizer.step()
-        self.train_loss.update(total)
-        self.log("train_loss_step", total, prog_bar=True, batch_size=len(y))
-        self.log(
-            "train_loss",
-            self.train_loss,
-            on_step=False,
-            on_epoch=True,
-            batch_size=len(y),
-        )
+        self.track_train_loss(total, len(y), batch_idx)
 
     def _average_over_replicas(self, params: list[torch.Tensor]) -> None:
         replicas = dist.get_world_size(self._dp_group)
