@@ -89,7 +89,7 @@ def _errors_to_exit_codes(command):
 
             # Every rank sees the same mistake: rank 0 says it (all of them say
             # what is wrong with the launcher's own variables).
-            if os.environ.get("RANK", "0") == "0" or isinstance(err, LauncherError):
+            if _rank() == "0" or isinstance(err, LauncherError):
                 typer.echo(f"error: {err}", err=True)
             raise typer.Exit(USAGE_ERROR) from None
         except KeyboardInterrupt:
@@ -99,7 +99,7 @@ def _errors_to_exit_codes(command):
             from dltrain.trainers.launch import Interrupted, WorkersFailed
 
             if isinstance(err, Interrupted):
-                if os.environ.get("RANK", "0") == "0":
+                if _rank() == "0":
                     typer.echo(f"{err}; the run directory records it", err=True)
                 raise typer.Exit(128 + err.signum) from None
             if State.debug:
@@ -118,6 +118,17 @@ def _errors_to_exit_codes(command):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _rank() -> str:
+    """This process's global rank: torchrun's RANK, or srun's SLURM_PROCID."""
+    if "RANK" in os.environ:
+        return os.environ["RANK"]
+    try:
+        several = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    except ValueError:
+        several = False
+    return os.environ.get("SLURM_PROCID", "0") if several else "0"
 
 
 def _first_line(err: BaseException) -> str:
@@ -205,7 +216,7 @@ def _resume_config(run: Path, config: Path | None, overrides: list[str]):
             "its first epoch ended); start it again with dltrain fit"
         )
     cfg = apply_overrides(saved, overrides)
-    manifest = json.loads((run / rundir.MANIFEST).read_text())
+    manifest = rundir.read_manifest(run)
     if (
         manifest.get("status") == "finished"
         and cfg.trainer.max_epochs <= saved.trainer.max_epochs

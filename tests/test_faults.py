@@ -359,3 +359,45 @@ def test_checkpoint_interval_and_snapshots_kept(tmp_path):
     assert snapshot["epoch"] == 2
     bad = run_dltrain("fit", "checkpoint.keep=-1", cwd=tmp_path)
     assert bad.code == 2 and "checkpoint.keep=-1 must be >= 0" in bad.err, bad
+
+
+def test_last_checkpoint_holds_the_last_epoch_not_the_best(whole):
+    # 3 epochs of 158 steps (one process) and of 79 (two): last.ckpt is the end.
+    assert _step(whole["single"]) == 3 * 158
+    assert _step(whole["ddp"]) == 3 * 79
+
+
+def test_sigusr1_to_the_launcher_alone_stops_its_workers(whole, tmp_path):
+    """A scheduler may signal only the process it started: dltrain passes
+    SIGUSR1 on to its workers, which stop together."""
+    proc = _start(tmp_path, dltrain_exe(), "fit", *SAME, *DDP, "run.dir=cut")
+    _wait_for_new(tmp_path / "cut/checkpoints/last.ckpt", proc)
+    os.kill(proc.pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 138, err[-2000:]
+    assert _manifest(tmp_path / "cut")["status"] == "interrupted"
+    _no_process_left(str(tmp_path / "cut"))
+    again = run_dltrain("fit", "--resume", "cut", cwd=tmp_path)
+    assert again.code == 0, again
+    _assert_same_weights(whole["ddp"], tmp_path / "cut")
+
+
+def test_one_run_dir_one_process_and_a_broken_manifest(tmp_path):
+    args = [*SAME, "trainer.max_epochs=10", "run.dir=job", "run.resume=auto"]
+    first = _start(tmp_path, dltrain_exe(), "fit", *args)
+    _wait_for_new(tmp_path / "job/checkpoints/last.ckpt", first)
+    second = run_dltrain("fit", *args, cwd=tmp_path)
+    assert second.code == 2 and "is in use by another dltrain process" in second.err
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-2000:]
+    manifest = tmp_path / "job/manifest.json"
+    manifest.write_text('{"status": ')
+    broken = run_dltrain(
+        "fit", "--resume", "job", "trainer.max_epochs=11", cwd=tmp_path
+    )
+    assert broken.code == 2 and "manifest.json is not valid JSON" in broken.err, broken
+    manifest.unlink()
+    missing = run_dltrain(
+        "fit", "--resume", "job", "trainer.max_epochs=3", cwd=tmp_path
+    )
+    assert missing.code == 2 and "manifest.json is missing" in missing.err, missing

@@ -66,15 +66,23 @@ class StopSignals(Callback):
     on_test_start = _install
     on_test_end = _restore
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._restore()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def _agree(self, trainer: pl.Trainer) -> int:
         signum = self.requested
         if trainer.world_size > 1:
             flag = torch.tensor([signum], device=trainer.strategy.root_device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             signum = int(flag.item())
+        return signum
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        # A signal after the last training step: stop before the test, together.
+        signum = self._agree(trainer)
+        self._restore()
+        if signum:
+            raise Stopped(signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        signum = self._agree(trainer)
         if signum:
             trainer.save_checkpoint(self.last)  # every rank: sharded states gather
             raise Stopped(signum)

@@ -50,7 +50,7 @@ class Interrupted(Exception):
 
 def _interruption(err: BaseException) -> str | None:
     """A description if ``err`` means the user or the cluster stopped the run."""
-    if isinstance(err, Stopped):
+    if isinstance(err, (Stopped, Interrupted)):
         return str(err)
     if isinstance(err, KeyboardInterrupt):
         return "interrupted by SIGINT"
@@ -66,7 +66,7 @@ def _interruption(err: BaseException) -> str | None:
 
 def _signal_number(err: BaseException) -> int:
 
-    if isinstance(err, Stopped):
+    if isinstance(err, (Stopped, Interrupted)):
         return err.signum
     if type(err).__name__ == "SIGTERMException":
         return int(signal.SIGTERM)
@@ -357,6 +357,8 @@ def _prepare(cfg, overrides, job, make_dir, resume, world) -> tuple[Path, str]:
     "resume"s, or has "finished" already (run.resume=auto)."""
     from dltrain.trainers.checkpoint import check_resumable
 
+    if job == "fit" and (resume is not None or cfg.run.dir):
+        rundir.lock_folder(resume or Path(cfg.run.dir).expanduser())
     if resume is not None:
         check_resumable(resume, cfg, world)  # before the run folder is touched
         rundir.resume_run(resume, cfg, overrides, world)
@@ -471,6 +473,7 @@ def _spawn_workers(
         args += ["--ckpt", str(ckpt)]
     if resume:
         args.append("--resume")
+    forwarding = _forward_to_children(signal.SIGUSR1)
     try:
         elastic_launch(config, entrypoint=sys.executable)(*args)
     except ChildFailedError as err:
@@ -492,7 +495,32 @@ def _spawn_workers(
             )
         raise WorkersFailed(f"worker rank {rank} {cause}", failure.exitcode) from None
     finally:
+        signal.signal(signal.SIGUSR1, forwarding)
         shutil.rmtree(logs, ignore_errors=True)
+
+
+def _forward_to_children(signum: int) -> Any:
+    """Pass ``signum`` on to this process's children (the workers), which stop
+    at their next agreed step. PyTorch's agent forwards SIGTERM and SIGINT
+    itself; SIGUSR1 (a scheduler's warning) would otherwise kill the launcher.
+    Returns the previous handler."""
+
+    def forward(sig: int, frame: Any) -> None:
+        me = str(os.getpid())
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me:  # the parent pid
+                try:
+                    os.kill(int(proc.name), sig)
+                except ProcessLookupError:
+                    pass
+
+    return signal.signal(signum, forward)
 
 
 def _first_line(err: Any) -> str:

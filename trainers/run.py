@@ -240,8 +240,18 @@ def build_trainer(
         monitor=monitor[0],
         mode=monitor[1],
         save_top_k=1,
-        save_last=True,
         every_n_epochs=cfg.checkpoint.every_n_epochs,
+        enable_version_counter=False,
+    )
+    # Lightning's save_last writes last.ckpt only when a best one is saved; this
+    # one writes it at the end of every (Nth) epoch, improved or not.
+    last = ModelCheckpoint(
+        dirpath=folder,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        every_n_epochs=cfg.checkpoint.every_n_epochs,
+        save_on_train_epoch_end=True,
         enable_version_counter=False,  # last.ckpt is also written by StepCheckpoint
     )
     progress = progress_callbacks(t.progress.value)
@@ -279,7 +289,7 @@ def build_trainer(
         limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps,
         logger=CSVLogger(save_dir=run_dir, name="logs", version="") if log else False,
-        callbacks=[checkpoint, *safety, *progress],
+        callbacks=[checkpoint, last, *safety, *progress],
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=any(not hasattr(c, "every_s") for c in progress),
         enable_model_summary=False,
@@ -358,7 +368,7 @@ def execute(
         best = callback.best_model_path
         if cfg.data.get("folds"):  # cv: the held-out fold must not pick the model
             best = ""
-        ckpt = Path(best or callback.last_model_path)
+        ckpt = Path(best) if best else run_dir / "checkpoints" / "last.ckpt"
         checkpoint = read_checkpoint(ckpt)
         say(f"fit: done in {rundir.elapsed(start)}; testing {ckpt.name}")
         if cfg.strategy.name in RESHAPING:

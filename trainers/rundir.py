@@ -115,7 +115,7 @@ def resume_run(
 ) -> None:
     """Record a resume in the manifest; ``config.yaml`` takes the new trainer values."""
     (run_dir / CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    manifest = json.loads((run_dir / MANIFEST).read_text())
+    manifest = read_manifest(run_dir)
     resumes = manifest.get("resumes", [])
     resumes.append(
         {
@@ -163,7 +163,7 @@ def auto_resume(cfg: DictConfig) -> tuple[str, Path | None]:
         )
     if not (path / "checkpoints" / "last.ckpt").is_file():
         return "restart", path
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = read_manifest(path)
     if (
         manifest.get("status") == "finished"
         and cfg.trainer.max_epochs <= saved.trainer.max_epochs
@@ -172,8 +172,46 @@ def auto_resume(cfg: DictConfig) -> tuple[str, Path | None]:
     return "resume", path
 
 
+_LOCKS: list[int] = []  # folders this process holds, for its lifetime
+
+
+def lock_folder(path: Path) -> None:
+    """Hold ``path`` for this process: a second dltrain on the same run.dir (a
+    requeued job overlapping its predecessor) is refused instead of mixing files."""
+    import fcntl
+
+    make_folder(path)
+    fd = os.open(path, os.O_RDONLY)  # not inherited by the workers
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"run.dir={path} is in use by another dltrain process; wait for it to "
+            "end, or choose another run.dir"
+        ) from None
+    _LOCKS.append(fd)
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} is missing: {run_dir} is not a complete dltrain run"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path} is not valid JSON ({err}); restore it or start a new run"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{path} is not a dltrain manifest (not a mapping)")
+    return manifest
+
+
 def update_manifest(run_dir: Path, **fields: Any) -> None:
-    manifest = json.loads((run_dir / MANIFEST).read_text())
+    manifest = read_manifest(run_dir)
     manifest.update(fields)
     write_json(run_dir / MANIFEST, manifest)
 
