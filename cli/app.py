@@ -210,11 +210,6 @@ def _resume_config(run: Path, config: Path | None, overrides: list[str]):
     if not run.is_dir():
         raise ConfigError(f"--resume {run}: no such run directory")
     saved = rundir.load_config(run)
-    if not (run / "checkpoints" / "last.ckpt").is_file():
-        raise ConfigError(
-            f"{run} has no checkpoints/last.ckpt to resume from (it stopped before "
-            "its first epoch ended); start it again with dltrain fit"
-        )
     cfg = apply_overrides(saved, overrides)
     manifest = rundir.read_manifest(run)
     if (

@@ -91,3 +91,35 @@ def start_until(
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
     return proc
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of the other processes whose command line holds ``text``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def last_weights(run_dir: Path) -> dict:
+    """The model weights in a run's checkpoints/last.ckpt."""
+    import torch
+
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """The last checkpoints of two runs hold bitwise equal weights."""
+    import torch
+
+    wa, wb = last_weights(a), last_weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key

@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import dltrain_exe, run_dltrain
+from conftest import (
+    assert_same_weights,
+    dltrain_exe,
+    last_weights,
+    processes_mentioning,
+    run_dltrain,
+)
 
 # Short epochs of small batches, a step checkpoint every 25 steps.
 SAME = [
@@ -32,18 +38,6 @@ SAME = [
     "report.plots=false",
 ]
 DDP = ["strategy=ddp", "trainer.devices=2"]
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    path = run / "checkpoints" / "last.ckpt"
-    return torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
 
 
 def _manifest(run: Path) -> dict:
@@ -78,23 +72,9 @@ def _wait_for_new(path: Path, proc: subprocess.Popen, timeout: float = 120) -> N
 
 def _no_process_left(marker: str) -> None:
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        alive = [
-            p
-            for p in Path("/proc").iterdir()
-            if p.name.isdigit() and marker.encode() in _cmdline(p)
-        ]
-        if not alive:
-            return
+    while alive := processes_mentioning(marker):
+        assert time.monotonic() < deadline, f"processes left running: {alive}"
         time.sleep(0.2)
-    raise AssertionError(f"processes left running: {alive}")
-
-
-def _cmdline(proc: Path) -> bytes:
-    try:
-        return (proc / "cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +109,7 @@ def test_sigterm_mid_epoch_saves_the_step_and_resume_is_exact(whole, tmp_path, n
     again = run_dltrain("fit", "--resume", "cut", cwd=tmp_path)
     assert again.code == 0, again
     assert "resuming from last.ckpt" in again.err
-    _assert_same_weights(whole[name], tmp_path / "cut")
+    assert_same_weights(whole[name], tmp_path / "cut")
 
 
 def test_sigusr1_requeue_loop_with_resume_auto(whole, tmp_path):
@@ -149,7 +129,7 @@ def test_sigusr1_requeue_loop_with_resume_auto(whole, tmp_path):
     done = run_dltrain(*command[1:], cwd=tmp_path)
     assert done.code == 0, done
     assert "run.resume=auto: continuing" in done.err
-    _assert_same_weights(whole["single"], tmp_path / "job")
+    assert_same_weights(whole["single"], tmp_path / "job")
     manifest = _manifest(tmp_path / "job")
     assert manifest["status"] == "finished" and len(manifest["resumes"]) == 2
     again = run_dltrain(*command[1:], cwd=tmp_path)
@@ -188,25 +168,21 @@ def test_torchrun_sigterm_then_resume_auto(whole, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "run.resume=auto: continuing" in done.stderr
-    _assert_same_weights(whole["ddp"], tmp_path / "job")
+    assert_same_weights(whole["ddp"], tmp_path / "job")
 
 
 def _worker_pids(run_dir: Path) -> dict[int, int]:
     """Global rank -> pid of the workers of one run (from /proc)."""
     found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        cmd = _cmdline(proc)
-        if b"dltrain.trainers.worker" not in cmd or str(run_dir).encode() not in cmd:
-            continue
+    for pid in processes_mentioning(str(run_dir)):
         try:
-            env = (proc / "environ").read_bytes().split(b"\0")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
         ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
-        if ranks:
-            found[ranks[0]] = int(proc.name)
+        if ranks and b"dltrain.trainers.worker" in cmd:
+            found[ranks[0]] = int(pid)
     return found
 
 
@@ -223,7 +199,7 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(whole, tmp_path):
     assert restarts[0]["resumed_from"] == "checkpoints/last.ckpt"
     assert "local rank 1 died without recording an error" in restarts[0]["causes"][0]
     assert _manifest(run)["status"] == "finished"
-    _assert_same_weights(whole["ddp"], run)  # the restart resumed exactly
+    assert_same_weights(whole["ddp"], run)  # the restart resumed exactly
 
     # Without restarts the same failure ends the run, and says so.
     failing = tmp_path / "no_restart"
@@ -321,8 +297,8 @@ def test_one_seed_one_run_and_different_streams_per_rank(tmp_path):
             "fit", *tiny, f"seed={seed}", f"run.dir={name}", cwd=tmp_path
         )
         assert result.code == 0, result
-    _assert_same_weights(tmp_path / "a", tmp_path / "b")
-    wa, wc = _weights(tmp_path / "a"), _weights(tmp_path / "c")
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    wa, wc = last_weights(tmp_path / "a"), last_weights(tmp_path / "c")
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
     # Epochs differ: each draws its own order of the training set, the same
     # order for the same seed and epoch.
@@ -379,7 +355,7 @@ def test_sigusr1_to_the_launcher_alone_stops_its_workers(whole, tmp_path):
     _no_process_left(str(tmp_path / "cut"))
     again = run_dltrain("fit", "--resume", "cut", cwd=tmp_path)
     assert again.code == 0, again
-    _assert_same_weights(whole["ddp"], tmp_path / "cut")
+    assert_same_weights(whole["ddp"], tmp_path / "cut")
 
 
 def test_one_run_dir_one_process_and_a_broken_manifest(tmp_path):

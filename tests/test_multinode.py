@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, dltrain_exe
+from conftest import REPO, dltrain_exe, processes_mentioning
 
 SCRIPT = REPO / "scripts" / "torchrun.sh"
 TINY = [
@@ -34,22 +34,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 def _kill_all(text: str) -> None:
     """SIGKILL every process whose command line holds ``text`` (agents, workers)."""
-    for pid in _processes_mentioning(text):
+    for pid in processes_mentioning(text):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -130,7 +117,7 @@ def test_two_nodes_train_one_ddp_run(tmp_path):
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     # Only global rank 0, on one of the nodes, prints the report.
     assert sum(n.stdout.count("classification report") for n in nodes) == 1
-    assert _processes_mentioning(f"run.root={runs} ") == []
+    assert processes_mentioning(f"run.root={runs} ") == []
 
 
 def test_two_nodes_of_two_processes_run_two_stage_pipelines(tmp_path):
@@ -156,7 +143,7 @@ def test_two_nodes_of_two_processes_run_two_stage_pipelines(tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["world_size"] == 4 and report["num_samples"] == 360
     assert sum(n.stderr.count("pipeline: split") for n in nodes) == 1
-    assert _processes_mentioning(f"run.root={runs} ") == []
+    assert processes_mentioning(f"run.root={runs} ") == []
 
 
 @pytest.mark.parametrize(
@@ -243,7 +230,7 @@ def test_slurm_script_requeues_on_sigusr1_and_the_requeued_job_continues(tmp_pat
         assert job.poll() is None, job.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    for pid in _processes_mentioning("run.dir=runs/digits-77"):
+    for pid in processes_mentioning("run.dir=runs/digits-77"):
         if "slurm.sbatch" not in Path(f"/proc/{pid}/cmdline").read_text():
             os.kill(pid, signal.SIGUSR1)  # what --signal=USR1@120 sends the tasks
     _, err = job.communicate(timeout=120)

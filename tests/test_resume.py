@@ -9,24 +9,11 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import run_dltrain, start_until
+from conftest import assert_same_weights, run_dltrain, start_until
 
 # Small batches: epochs long enough for an interrupt to land mid-run.
 SAME = ["trainer.deterministic=true", "trainer.progress=plain", "data.batch_size=8"]
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    path = run_dir / "checkpoints" / "last.ckpt"
-    return torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
 
 
 def _epochs_logged(run_dir: Path) -> list[int]:
@@ -51,7 +38,7 @@ def test_training_on_from_a_finished_run(uninterrupted, tmp_path):
     assert again.code == 0, again
     assert "resuming from last.ckpt" in again.err
     assert "epoch 4/6" in again.err and "epoch 1/6" not in again.err
-    _assert_same_weights(uninterrupted, tmp_path / "part")
+    assert_same_weights(uninterrupted, tmp_path / "part")
     assert _epochs_logged(tmp_path / "part") == list(range(6))
     manifest = json.loads((tmp_path / "part/manifest.json").read_text())
     assert manifest["status"] == "finished" and len(manifest["resumes"]) == 1
@@ -73,7 +60,7 @@ def test_stopped_mid_run_then_resumed(uninterrupted, tmp_path, sig):
     assert manifest["status"] == "interrupted"
     again = run_dltrain("fit", "--resume", "stopped", cwd=tmp_path)
     assert again.code == 0, again
-    _assert_same_weights(uninterrupted, tmp_path / "stopped")
+    assert_same_weights(uninterrupted, tmp_path / "stopped")
     assert _epochs_logged(tmp_path / "stopped") == list(range(6))
 
 
@@ -100,7 +87,7 @@ def test_distributed_resume_matches_uninterrupted(tmp_path, strategy):
     assert part.code == 0, part
     again = run_dltrain("fit", "--resume", "part", "trainer.max_epochs=3", cwd=tmp_path)
     assert again.code == 0, again
-    _assert_same_weights(tmp_path / "whole", tmp_path / "part")
+    assert_same_weights(tmp_path / "whole", tmp_path / "part")
 
 
 def test_resume_bad_input(uninterrupted, tmp_path):

@@ -50,14 +50,16 @@ def check_model(checkpoint: dict[str, Any], wanted: dict[str, Any], path: Path) 
 RESUMABLE_CHANGES = ("trainer", "run", "checkpoint", "report")
 
 
-def check_resumable(run_dir: Path, cfg: Any, world_size: int | None = None) -> Path:
-    """The run's ``last.ckpt``, checked to come from this config (and, for a
-    pipeline, from this world size); raises ConfigError naming the difference.
+def check_resumable(
+    run_dir: Path, cfg: Any, world_size: int | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """The run's ``last.ckpt`` and its contents, checked to come from this config
+    (and, for a pipeline, from this world size); raises ConfigError naming the
+    difference.
 
     Called before the run folder is touched, and again by every rank."""
-    from omegaconf import OmegaConf
-
     from dltrain.trainers.errors import ConfigError
+    from dltrain.trainers.rundir import config_changes
 
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
@@ -66,13 +68,9 @@ def check_resumable(run_dir: Path, cfg: Any, world_size: int | None = None) -> P
             "before its first checkpoint); start it again with dltrain fit"
         )
     checkpoint = read_checkpoint(last)
-    saved = checkpoint[CHECKPOINT_KEY]["config"]
-    current = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    differs = [
-        key
-        for key in current
-        if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]
-    ]
+    differs = config_changes(
+        checkpoint[CHECKPOINT_KEY]["config"], cfg, RESUMABLE_CHANGES
+    )
     if differs:
         raise ConfigError(
             f"{last} was written with another {', '.join(differs)} than {run_dir}/"
@@ -86,4 +84,4 @@ def check_resumable(run_dir: Path, cfg: Any, world_size: int | None = None) -> P
             f"processes, not {world_size}; resume it with trainer.devices x "
             f"trainer.num_nodes = {len(ranks)}"
         )
-    return last
+    return last, checkpoint

@@ -65,7 +65,6 @@ def _interruption(err: BaseException) -> str | None:
 
 
 def _signal_number(err: BaseException) -> int:
-
     if isinstance(err, (Stopped, Interrupted)):
         return err.signum
     if type(err).__name__ == "SIGTERMException":
@@ -199,9 +198,9 @@ def _check_slurm_layout() -> None:
     """srun with a different number of tasks on some node leaves ranks waiting
     for peers that never come: refuse it before any process group forms."""
     env = os.environ
-    if "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+    tasks = _env_int("SLURM_NTASKS", 1, default=1)
+    if "SLURM_PROCID" not in env or tasks <= 1:
         return
-    tasks = _env_int("SLURM_NTASKS", 1)
     nodes = _env_int("SLURM_NNODES", 1, default=1)
     per_node = env.get("SLURM_NTASKS_PER_NODE", "")
     uneven = tasks % nodes or ("(" in per_node or "," in per_node)
@@ -359,11 +358,7 @@ def _prepare(cfg, overrides, job, make_dir, resume, world) -> tuple[Path, str]:
 
     if job == "fit" and (resume is not None or cfg.run.dir):
         rundir.lock_folder(resume or Path(cfg.run.dir).expanduser())
-    if resume is not None:
-        check_resumable(resume, cfg, world)  # before the run folder is touched
-        rundir.resume_run(resume, cfg, overrides, world)
-        return resume, "resume"
-    if job == "fit":
+    if resume is None and job == "fit":
         action, path = rundir.auto_resume(cfg)
         if action == "finished":
             return path, action
@@ -373,9 +368,7 @@ def _prepare(cfg, overrides, job, make_dir, resume, world) -> tuple[Path, str]:
                 file=sys.stderr,
                 flush=True,
             )
-            check_resumable(path, cfg, world)
-            rundir.resume_run(path, cfg, overrides, world)
-            return path, action
+            resume = path
         if action == "restart":
             print(
                 f"run.resume=auto: {path} stopped before its first checkpoint; "
@@ -385,6 +378,10 @@ def _prepare(cfg, overrides, job, make_dir, resume, world) -> tuple[Path, str]:
             )
             rundir.write_run(path, cfg, overrides, world, job)
             return path, "fresh"
+    if resume is not None:
+        check_resumable(resume, cfg, world)  # before the run folder is touched
+        rundir.resume_run(resume, cfg, overrides, world)
+        return resume, "resume"
     run_dir = make_dir(cfg)
     rundir.write_run(run_dir, cfg, overrides, world, job)
     return run_dir, "fresh"

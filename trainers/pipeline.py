@@ -132,7 +132,6 @@ def describe_plan(
     costs: Sequence[float],
     split_points: Sequence[int],
     unit: str,
-    stages_per_rank: int = 1,
     pipeline_size: int | None = None,
 ) -> dict[str, Any]:
     """The split as it goes into the manifest and the plan: layers, cost, rank."""
@@ -387,7 +386,6 @@ class PipelineModule(TaskModule):
                 costs,
                 points,
                 unit,
-                self.pipeline["stages_per_rank"],
                 size,
             )
             net.zero_grad(set_to_none=True)

@@ -60,9 +60,7 @@ def make_plan(cfg: DictConfig, argv: list[str]) -> dict[str, Any]:
         costs = layer_costs(layers, sample_inputs(info, micro), s.balance.value)
         points = list(s.split_points) if s.split_points else balance(costs, stages)
         unit = "flops" if s.balance.value == "flops" else "ms"
-        split = describe_plan(
-            [n for n, _ in layers], costs, points, unit, s.stages_per_rank, size
-        )
+        split = describe_plan([n for n, _ in layers], costs, points, unit, size)
         split["measured_on"] = f"this machine, one micro-batch of {micro}"
         bubble = bubble_fraction(s.schedule, size, s.microbatches, s.stages_per_rank)
         plan["mesh"] = {"dp": replicas, "pp": size}

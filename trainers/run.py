@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import functools
 import logging
-import os
 import sys
 import time
 import warnings
@@ -326,14 +325,14 @@ def execute(
 
     datamodule = build_datamodule(cfg, vocab=vocab or None)
     info = datamodule.info
-    last = check_resumable(run_dir, cfg) if job == "fit" and resume else None
-    split = None
-    if last is not None and cfg.strategy.name == "pipeline":
-        # The optimizer states fit the stages they were saved with: keep the cut.
-        split = read_checkpoint(last).get("pipeline_split")
+    last, saved = (
+        check_resumable(run_dir, cfg) if job == "fit" and resume else (None, {})
+    )
+    # A resumed pipeline keeps the cut its optimizer states were saved with.
+    split = saved.get("pipeline_split") if cfg.strategy.name == "pipeline" else None
     module = build_module(cfg, info, run_dir, split)  # the same weights on every rank
-    torch.manual_seed(rank_seed(cfg.seed, int(os.environ.get("RANK", "0"))))
     trainer = build_trainer(cfg, run_dir, module.monitor, log=job == "fit")
+    torch.manual_seed(rank_seed(cfg.seed, trainer.global_rank))
     if job == "fit" and info.sizes["val"] < trainer.world_size:
         # Lightning syncs logged validation metrics; a rank without batches would hang.
         raise ConfigError(
@@ -352,7 +351,7 @@ def execute(
             say(f"fit: resuming from {last.name}")
             # Lightning's CSV logger starts its file anew: keep the rows up to
             # the checkpoint, and put them back in front once fit is done.
-            done = read_checkpoint(last)["epoch"]
+            done = saved["epoch"]
             history = [r for r in _csv_rows(run_dir) if int(r["epoch"]) <= done]
         throughput = Throughput()
         trainer.callbacks.append(throughput)

@@ -148,13 +148,11 @@ def auto_resume(cfg: DictConfig) -> tuple[str, Path | None]:
     if not (path / CONFIG).is_file():
         return "fresh", None
     saved = load_config(path)
-    current = OmegaConf.to_container(cfg, resolve=True)
-    before = OmegaConf.to_container(saved, resolve=True)
-    differs = [
-        k
-        for k in current
-        if k not in ("trainer", "run") and before.get(k) != current[k]
-    ]
+    differs = config_changes(
+        OmegaConf.to_container(saved, resolve=True, enum_to_str=True),
+        cfg,
+        allowed=("trainer", "run"),
+    )
     if differs:
         raise ConfigError(
             f"run.dir={path} holds a run with another {', '.join(differs)}; "
@@ -170,6 +168,15 @@ def auto_resume(cfg: DictConfig) -> tuple[str, Path | None]:
     ):
         return "finished", path
     return "resume", path
+
+
+def config_changes(
+    saved: dict[str, Any], cfg: DictConfig, allowed: tuple[str, ...]
+) -> list[str]:
+    """Top-level keys of ``cfg`` whose values differ from ``saved``, except
+    ``allowed`` ones: what would make a run another experiment."""
+    current = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return [k for k in current if k not in allowed and saved.get(k) != current[k]]
 
 
 _LOCKS: list[int] = []  # folders this process holds, for its lifetime

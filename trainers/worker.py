@@ -97,11 +97,9 @@ def previous_failures(restart: int) -> list[str]:
 
 def record_restart(run_dir: Path, restart: int, resumed: bool) -> None:
     """Rank 0 of a restarted group: the restart and its cause go into the manifest."""
-    import json
-
     from dltrain.trainers import rundir
 
-    manifest = json.loads((run_dir / rundir.MANIFEST).read_text())
+    manifest = rundir.read_manifest(run_dir)
     causes = previous_failures(restart) or [
         "a worker process died without recording an error (killed by a signal, "
         "or out of memory)"
