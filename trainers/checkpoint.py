@@ -47,7 +47,7 @@ def check_model(checkpoint: dict[str, Any], wanted: dict[str, Any], path: Path) 
 
 
 # Keys a resume may change: how to train on, not what is trained.
-RESUMABLE_CHANGES = ("trainer", "run", "checkpoint", "report")
+RESUMABLE_CHANGES = ("trainer", "run", "checkpoint", "report", "sweep")
 
 
 def check_resumable(

@@ -151,7 +151,7 @@ def auto_resume(cfg: DictConfig) -> tuple[str, Path | None]:
     differs = config_changes(
         OmegaConf.to_container(saved, resolve=True, enum_to_str=True),
         cfg,
-        allowed=("trainer", "run"),
+        allowed=("trainer", "run", "sweep"),
     )
     if differs:
         raise ConfigError(

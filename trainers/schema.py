@@ -208,6 +208,57 @@ class CheckpointConfig:
 
 
 @dataclass
+class CSVLoggerConfig:
+    name: str = "csv"
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    name: str = "tensorboard"
+
+
+@dataclass
+class MLflowLoggerConfig:
+    name: str = "mlflow"
+    tracking_uri: str | None = None
+    experiment_name: str | None = None
+
+
+class SweepMode(Enum):
+    auto = "auto"
+    max = "max"
+    min = "min"
+
+
+class Launcher(Enum):
+    local = "local"
+    slurm = "slurm"
+    submitit_local = "submitit_local"
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    timeout_min: int = 60
+    cpus_per_task: int = 4
+    mem_gb: int | None = None
+
+
+@dataclass
+class SweepConfig:
+    metric: str | None = None
+    mode: SweepMode = SweepMode.auto
+    max_parallel: int | None = None
+    dir: str | None = None
+    root: str = "sweeps"
+    launcher: Launcher = Launcher.local
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
 class Config:
     experiment: str = "default"
     seed: int = 42
@@ -219,6 +270,8 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    logger: Any = None
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 GROUPS: dict[str, dict[str, type]] = {
@@ -229,6 +282,11 @@ GROUPS: dict[str, dict[str, type]] = {
         "ddp": DDPConfig,
         "fsdp": FSDPConfig,
         "pipeline": PipelineConfig,
+    },
+    "logger": {
+        "csv": CSVLoggerConfig,
+        "tensorboard": TensorBoardLoggerConfig,
+        "mlflow": MLflowLoggerConfig,
     },
 }
 
@@ -246,6 +304,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     typed = _merge(OmegaConf.structured(Config), core, "")
     for group, options in GROUPS.items():
         node = cfg.get(group)
+        if node is None and group == "logger":  # a run saved before loggers were chosen
+            node = OmegaConf.create({"name": "csv"})
         name = node.get("name") if isinstance(node, DictConfig) else node
         if name not in options:
             raise ConfigError(
@@ -296,6 +356,9 @@ def _check_values(cfg: DictConfig) -> None:
     for key in ("limit_train_batches", "limit_val_batches"):
         positive(f"trainer.{key}", trainer[key])
     positive("optim.lr", cfg.optim.lr)
+    positive("sweep.max_parallel", cfg.sweep.max_parallel)
+    positive("sweep.slurm.timeout_min", cfg.sweep.slurm.timeout_min)
+    positive("sweep.slurm.cpus_per_task", cfg.sweep.slurm.cpus_per_task)
     for key in ("lr", "weight_decay"):
         if not math.isfinite(cfg.optim[key]) or cfg.optim[key] < 0:
             raise ConfigError(
