@@ -170,14 +170,30 @@ def fit(
             help="Continue this run from its last checkpoint (trainer.* may change).",
         ),
     ] = None,
+    multirun: Annotated[
+        bool,
+        typer.Option(
+            "--multirun",
+            "-m",
+            help="Sweep: one run per combination (as dltrain sweep).",
+        ),
+    ] = False,
 ) -> None:
     """Train a model, test its best checkpoint, and print the report.
 
     Example: dltrain fit model=rnn data=text trainer.max_epochs=3
     """
     from dltrain.trainers import rundir
+    from dltrain.trainers.errors import ConfigError
     from dltrain.trainers.launch import start
 
+    if multirun:
+        if resume is not None:
+            raise ConfigError(
+                "--multirun starts a sweep; to continue one, use "
+                "dltrain sweep --resume SWEEP_DIR"
+            )
+        return sweep(config, overrides, as_json=as_json)
     if resume is not None:
         cfg, applied = _resume_config(resume, config, overrides or [])
         _quiet_libraries()
@@ -352,6 +368,12 @@ def report_command(
     """
     from dltrain.trainers.errors import ConfigError
 
+    if len(runs) == 1 and (runs[0] / "sweep.json").is_file():
+        from dltrain.trainers import sweep as sweeps
+
+        found = sweeps.load(runs[0])
+        _show_sweep(sweeps.results(found), as_json)
+        return
     reports = [_read_report(path) for path in runs]
     tasks = {report["task"] for report in reports}
     if len(tasks) > 1:
@@ -418,6 +440,73 @@ def _read_report(path: Path) -> dict:
 
 @app.command(context_settings=OVERRIDES)
 @_errors_to_exit_codes
+def sweep(
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    max_parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--max-parallel",
+            help="At most this many trials at once (default: as the devices allow).",
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Run the trials of this sweep not yet finished."),
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="With --resume: rerun failed trials.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print only the results JSON on stdout.")
+    ] = False,
+) -> None:
+    """Run a grid of trials, each a `dltrain fit` in its own run directory,
+    scheduled onto the free devices; print the trials ranked by a metric.
+
+    Example: dltrain sweep optim.lr=0.01,0.001 model.hidden=64,128 --max-parallel 2
+    """
+    from dltrain.trainers import sweep as sweeps
+    from dltrain.trainers.errors import ConfigError
+
+    def say(line: str) -> None:
+        typer.echo(line, err=True)
+
+    if resume is not None:
+        if config is not None or overrides:
+            raise ConfigError(
+                "--resume runs the saved sweep as it was planned; drop --config and "
+                "the overrides (only --max-parallel and --retry-failed apply)"
+            )
+        found, table, stopped = sweeps.resume(resume, retry_failed, max_parallel, say)
+    else:
+        if retry_failed:
+            raise ConfigError("--retry-failed goes with --resume SWEEP_DIR")
+        found, table, stopped = sweeps.start(config, overrides or [], max_parallel, say)
+    _show_sweep(table, as_json)
+    say(f"sweep directory: {found.folder}")
+    if stopped:
+        raise typer.Exit(128 + stopped)
+    failed = table["counts"]["failed"]
+    if failed:
+        say(f"sweep: {failed} of {len(table['trials'])} trials failed (see the table)")
+        raise typer.Exit(1)
+
+
+def _show_sweep(table: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(table, indent=2) + "\n")
+        return
+    from rich.console import Console
+
+    from dltrain.trainers.sweep import print_results
+
+    # A file or a pipe gets the whole table, not one folded to 80 columns.
+    print_results(table, Console(width=None if sys.stdout.isatty() else 160))
+
+
+@app.command(context_settings=OVERRIDES)
+@_errors_to_exit_codes
 def plan(
     config: ConfigFile = None,
     overrides: Overrides = None,
@@ -440,6 +529,80 @@ def plan(
     argv = ([f"--config={config}"] if config else []) + list(overrides or [])
     result = make_plan(cfg, argv)
     typer.echo(json.dumps(result, indent=2) if as_json else render_plan(result))
+
+
+@app.command(context_settings=OVERRIDES)
+@_errors_to_exit_codes
+def tune(
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    no_batch_size: Annotated[
+        bool, typer.Option("--no-batch-size", help="Skip the batch-size search.")
+    ] = False,
+    no_lr: Annotated[
+        bool, typer.Option("--no-lr", help="Skip the learning-rate search.")
+    ] = False,
+    max_trials: Annotated[
+        int,
+        typer.Option(
+            "--max-trials", help="Batch sizes tried: 2, 4, 8, ... (doubling)."
+        ),
+    ] = 8,
+    steps: Annotated[
+        int, typer.Option("--steps", help="Training steps per batch-size trial.")
+    ] = 3,
+    binsearch: Annotated[
+        bool,
+        typer.Option(
+            "--binsearch",
+            help="After an out-of-memory bound, bisect between the last size that "
+            "fit and the one that did not.",
+        ),
+    ] = False,
+    lr_steps: Annotated[
+        int, typer.Option("--lr-steps", help="Learning rates tried (one step each).")
+    ] = 100,
+    min_lr: Annotated[
+        float, typer.Option("--min-lr", help="Smallest learning rate tried.")
+    ] = 1e-8,
+    max_lr: Annotated[
+        float, typer.Option("--max-lr", help="Largest learning rate tried.")
+    ] = 1.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print only tune.json on stdout.")
+    ] = False,
+) -> None:
+    """Suggest a batch size and a learning rate with Lightning's tuner (one
+    process); write tune.json and lr_find.png into a run directory.
+
+    Example: dltrain tune --max-trials 6 model=rnn data=text
+    """
+    from dltrain.cli.compose import compose
+    from dltrain.trainers.tune import TuneOptions, check
+
+    options = TuneOptions(
+        batch_size=not no_batch_size,
+        lr=not no_lr,
+        max_trials=max_trials,
+        steps=steps,
+        binsearch=binsearch,
+        lr_steps=lr_steps,
+        min_lr=min_lr,
+        max_lr=max_lr,
+    )
+    cfg, applied = compose(config, overrides or [])
+    check(cfg, options)
+    _quiet_libraries()
+
+    from dltrain.trainers.tune import render, run_tune
+
+    argv = ([f"--config={config}"] if config else []) + list(overrides or [])
+    run_dir, result = run_tune(cfg, applied, argv, options)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        typer.echo(render(result))
+    typer.echo(f"run directory: {run_dir}", err=True)
 
 
 @config_app.command("show", context_settings=OVERRIDES)

@@ -84,5 +84,8 @@ def test_readme_examples_run_and_meet_the_targets(tmp_path: Path, shared_data: P
     resumed = json.loads(Path(tmp_path / "runs/digits/manifest.json").read_text())
     assert resumed["status"] == "finished" and len(resumed["resumes"]) == 1
     assert "epoch 40/40" in results[find("--resume")].err
+    swept = json.loads((tmp_path / "sweeps/lr/results.json").read_text())
+    assert swept["counts"]["finished"] == 4 and swept["trials"][0]["best"]
+    assert "best" in results["dltrain report sweeps/lr"].out
     shown = yaml.safe_load(results[find("config show")].out)
     assert shown["model"]["name"] == "rnn" and shown["data"]["name"] == "text"
