@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
+
 from conftest import processes_mentioning, start_until
 
 pytestmark = pytest.mark.slow
@@ -187,6 +189,38 @@ def test_an_interrupted_sweep_resumes_only_the_missing_trials(dltrain):
     assert most_at_once(attempts(folder)) == 1
 
 
+def test_a_killed_sweep_stops_its_trials_and_resumes(dltrain):
+    """SIGKILL leaves the sweep no chance to clean up: its trials still get
+    SIGTERM from the kernel (they save their checkpoint), and nothing runs on."""
+    folder = dltrain.cwd / "s"
+    proc = start_until(
+        dltrain.cwd,
+        folder / "trials" / "000" / "checkpoints" / "last.ckpt",
+        "sweep",
+        "optim.lr=0.01,0.005",
+        "trainer.max_epochs=4",
+        "report.plots=false",
+        "sweep.dir=s",
+        "--max-parallel",
+        "1",
+    )
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 60
+    while processes_mentioning(str(folder)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_mentioning(str(folder)) == []
+    manifest = json.loads((folder / "trials" / "000" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+
+    r = dltrain("sweep", "--resume", "s", env=ENV)
+    assert r.code == 0, r
+    assert "2 to run, 0 kept" in r.err
+    manifest = json.loads((folder / "trials" / "000" / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and len(manifest["resumes"]) == 1
+    assert results(folder)["counts"]["finished"] == 2
+
+
 def test_trials_are_packed_onto_free_cores_and_never_share_one(dltrain):
     cores = len(os.sched_getaffinity(0))
     if cores < 2:
@@ -206,7 +240,7 @@ def test_trials_are_packed_onto_free_cores_and_never_share_one(dltrain):
     spans = attempts(folder)
     devices = {"000": 1, "001": 1, "002": 2, "003": 2}
     assert sorted(t for *_, t in spans) == sorted(devices)
-    for start, end, slots, trial in spans:
+    for start, _end, slots, trial in spans:
         assert len(slots) == devices[trial]
         busy = sum(
             devices[t] for s, e, _, t in spans if s <= start < e
@@ -266,6 +300,7 @@ def test_submitit_runs_the_trials_and_records_a_failure(dltrain):
         (["optim.lr=0.1,0.2", "--max-parallel", "0"], "--max-parallel 0"),
         (["optim.lr=0.1,0.2", "sweep.launcher=slurm"], "sbatch"),
         (["--resume", "nowhere"], "no such sweep folder"),
+        (["data=mnist", "data.root=nowhere", "optim.lr=0.1,0.2"], "data.root="),
         (["optim.lr=0.1,0.2", "trainer.num_nodes=2", "strategy=ddp"], "num_nodes=2"),
     ],
 )

@@ -156,7 +156,7 @@ def plan(config_file: Path | None, overrides: list[str]) -> tuple[DictConfig, li
     from dltrain.cli.compose import compose
 
     keys, expanded = expand(config_file, overrides)
-    trials, first = [], None
+    trials, first, checked = [], None, set()
     width = max(3, len(str(len(expanded) - 1)))
     for n, (_, trial_overrides, params) in enumerate(expanded):
         try:
@@ -165,6 +165,7 @@ def plan(config_file: Path | None, overrides: list[str]) -> tuple[DictConfig, li
             label = " ".join(f"{k}={v}" for k, v in params.items())
             raise ConfigError(f"trial {n} ({label}): {err}") from None
         first = first or cfg
+        _check_inputs(cfg, checked)
         trials.append(
             Trial(
                 id=f"{n:0{width}d}",
@@ -176,6 +177,19 @@ def plan(config_file: Path | None, overrides: list[str]) -> tuple[DictConfig, li
             )
         )
     return first, trials
+
+
+def _check_inputs(cfg: DictConfig, checked: set[str]) -> None:
+    """Read each distinct data set and logger once, as a fit would before its
+    first process: a missing file fails the sweep, not every trial."""
+    from dltrain.trainers.launch import check_data, check_logger
+
+    for name, check in (("data", check_data), ("logger", check_logger)):
+        node = OmegaConf.to_container(cfg[name], resolve=True, enum_to_str=True)
+        key = name + json.dumps(node, sort_keys=True)
+        if key not in checked:
+            check(cfg)
+            checked.add(key)
 
 
 # --- the sweep folder ---------------------------------------------------------
@@ -442,17 +456,18 @@ class LocalLauncher:
 
     def start(self, command: list[str], log: Path, slots: list[str], devices: int):
         env = dict(os.environ)
-        preexec = None
+        cores: set[int] = set()
         if self.kind == "gpu":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(slots)
         else:
             cores = {int(s) for s in slots}
             # One thread per core the trial holds, spread over its processes.
             env["OMP_NUM_THREADS"] = str(max(1, len(cores) // devices))
-            if hasattr(os, "sched_setaffinity"):
 
-                def preexec():
-                    os.sched_setaffinity(0, cores)
+        def preexec() -> None:
+            if cores and hasattr(os, "sched_setaffinity"):
+                os.sched_setaffinity(0, cores)
+            _stop_with_parent()
 
         with log.open("ab") as out:
             return subprocess.Popen(
@@ -473,6 +488,21 @@ class LocalLauncher:
     def stop(handle, signum: int) -> None:
         if handle.poll() is None:
             handle.send_signal(signum)
+
+
+def _stop_with_parent() -> None:
+    """In a trial, before it starts: if the sweep dies (even by SIGKILL), the
+    trial gets SIGTERM, saves its checkpoint and ends, instead of running on
+    unwatched. Linux only (prctl); elsewhere a trial outlives its sweep."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def run(sweep: Sweep, todo: list[Trial], kind: str, slots: list[str], say) -> int:
