@@ -254,6 +254,9 @@ def test_trials_are_packed_onto_free_cores_and_never_share_one(dltrain):
 
 
 def test_fit_multirun_is_a_sweep(dltrain):
+    # Run from a SLURM batch script's shell (task 0 of a 4-task allocation): the
+    # trials are jobs of their own and must not wait for the allocation's tasks.
+    slurm = {"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_NNODES": "1"}
     r = dltrain(
         "fit",
         "-m",
@@ -261,7 +264,7 @@ def test_fit_multirun_is_a_sweep(dltrain):
         "trainer.max_epochs=1",
         "report.plots=false",
         "sweep.dir=m",
-        env=ENV,
+        env={**ENV, **slurm},
     )
     assert r.code == 0, r
     assert len(list((dltrain.cwd / "m").glob("trials/*/report.json"))) == 2
@@ -301,6 +304,7 @@ def test_submitit_runs_the_trials_and_records_a_failure(dltrain):
         (["optim.lr=0.1,0.2", "sweep.launcher=slurm"], "sbatch"),
         (["--resume", "nowhere"], "no such sweep folder"),
         (["data=mnist", "data.root=nowhere", "optim.lr=0.1,0.2"], "data.root="),
+        (["optim.lr=0.1,0.2", "sweep.metric=acc"], "sweep.metric='acc'"),
         (["optim.lr=0.1,0.2", "trainer.num_nodes=2", "strategy=ddp"], "num_nodes=2"),
     ],
 )
@@ -311,6 +315,13 @@ def test_bad_input_starts_nothing(dltrain, args, says):
     assert len(r.err.strip().splitlines()) == 1, r
     assert not (dltrain.cwd / "sweeps").exists()
     assert not (dltrain.cwd / "runs").exists()
+
+
+def test_a_sweep_started_on_every_rank_is_refused(dltrain):
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}  # rank 0 says it
+    r = dltrain("sweep", "optim.lr=0.1,0.2", env=torchrun)
+    assert r.code == 2 and "one of 2 processes" in r.err, r
+    assert not (dltrain.cwd / "sweeps").exists()
 
 
 def test_slurm_jobs_ask_for_each_trials_resources(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dltrain.trainers import rundir
 from dltrain.trainers.errors import ConfigError, LauncherError, Stopped
+from dltrain.trainers.loggers import check as check_logger
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ def preflight(cfg: DictConfig) -> DictConfig:
                 cfg, {f"data.{key}": str(Path(value).expanduser().resolve())}
             )
     check_data(cfg)
+    check_logger(cfg)
     t = cfg.trainer
     if env is None and t.num_nodes > 1:
         raise ConfigError(

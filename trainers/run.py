@@ -37,6 +37,8 @@ from dltrain.trainers.checkpoint import (
 )
 from dltrain.trainers.errors import ConfigError
 from dltrain.trainers.faults import AtomicCheckpointIO, StepCheckpoint, StopSignals
+from dltrain.trainers.launch import _interruption
+from dltrain.trainers.loggers import Tracking
 from dltrain.trainers.logs import debug_requested, quiet_libraries
 from dltrain.trainers.measure import Throughput, gather, rank_resources
 from dltrain.trainers.module import TaskModule
@@ -346,42 +348,63 @@ def execute(
         f"strategy={cfg.strategy.name}, world size {trainer.world_size}"
     )
 
-    if job == "fit":
-        if last is not None:
-            say(f"fit: resuming from {last.name}")
-            # Lightning's CSV logger starts its file anew: keep the rows up to
-            # the checkpoint, and put them back in front once fit is done.
-            done = saved["epoch"]
-            history = [r for r in _csv_rows(run_dir) if int(r["epoch"]) <= done]
-        throughput = Throughput()
-        trainer.callbacks.append(throughput)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last, weights_only=True)
-        ranks = gather(rank_resources(module))
-        if trainer.is_global_zero:
-            rundir.update_manifest(
-                run_dir, throughput=throughput.summary(), ranks=ranks
-            )
-        if last is not None and trainer.is_global_zero:
-            _write_csv_rows(run_dir, history + _csv_rows(run_dir))
-        callback = trainer.checkpoint_callback
-        best = callback.best_model_path
-        if cfg.data.get("folds"):  # cv: the held-out fold must not pick the model
-            best = ""
-        ckpt = Path(best) if best else run_dir / "checkpoints" / "last.ckpt"
-        checkpoint = read_checkpoint(ckpt)
-        say(f"fit: done in {rundir.elapsed(start)}; testing {ckpt.name}")
-        if cfg.strategy.name in RESHAPING:
-            # The fitted module is sharded or cut into stages: test a fresh one
-            # with the checkpoint's full weights, on a fresh trainer.
-            plan = getattr(module, "plan", None)
-            module = build_module(cfg, info, split=plan and plan["split_points"])
-            trainer = build_trainer(cfg, run_dir, module.monitor, log=False)
-    load_weights(module, checkpoint, ckpt)
+    # TensorBoard or MLflow beside the CSV log, on rank 0; a resume continues them.
+    tracking = Tracking.start(
+        cfg,
+        run_dir,
+        rank_zero=trainer.is_global_zero and job == "fit",
+        resumed_step=saved["global_step"] if last is not None else None,
+    )
+    trainer.loggers = [*trainer.loggers, *tracking.loggers]
 
-    report = evaluate(trainer, module, datamodule, cfg, "test", run_dir, ckpt, start)
-    if cfg.data.get("folds"):  # cross-validation: also score the held-out fold
-        datamodule.eval_split = "val"
-        evaluate(trainer, module, datamodule, cfg, "val", run_dir, ckpt, start)
+    try:
+        if job == "fit":
+            if last is not None:
+                say(f"fit: resuming from {last.name}")
+                # Lightning's CSV logger starts its file anew: keep the rows up to
+                # the checkpoint, and put them back in front once fit is done.
+                done = saved["epoch"]
+                history = [r for r in _csv_rows(run_dir) if int(r["epoch"]) <= done]
+            throughput = Throughput()
+            trainer.callbacks.append(throughput)
+            trainer.fit(
+                module, datamodule=datamodule, ckpt_path=last, weights_only=True
+            )
+            step = trainer.global_step
+            ranks = gather(rank_resources(module))
+            if trainer.is_global_zero:
+                rundir.update_manifest(
+                    run_dir, throughput=throughput.summary(), ranks=ranks
+                )
+            if last is not None and trainer.is_global_zero:
+                _write_csv_rows(run_dir, history + _csv_rows(run_dir))
+            callback = trainer.checkpoint_callback
+            best = callback.best_model_path
+            if cfg.data.get("folds"):  # cv: the held-out fold must not pick the model
+                best = ""
+            ckpt = Path(best) if best else run_dir / "checkpoints" / "last.ckpt"
+            checkpoint = read_checkpoint(ckpt)
+            say(f"fit: done in {rundir.elapsed(start)}; testing {ckpt.name}")
+            if cfg.strategy.name in RESHAPING:
+                # The fitted module is sharded or cut into stages: test a fresh one
+                # with the checkpoint's full weights, on a fresh trainer.
+                plan = getattr(module, "plan", None)
+                module = build_module(cfg, info, split=plan and plan["split_points"])
+                trainer = build_trainer(cfg, run_dir, module.monitor, log=False)
+        load_weights(module, checkpoint, ckpt)
+
+        report = evaluate(
+            trainer, module, datamodule, cfg, "test", run_dir, ckpt, start
+        )
+        if job == "fit":
+            tracking.log_report(report, step)
+        if cfg.data.get("folds"):  # cross-validation: also score the held-out fold
+            datamodule.eval_split = "val"
+            evaluate(trainer, module, datamodule, cfg, "val", run_dir, ckpt, start)
+    except BaseException as err:
+        tracking.close("KILLED" if _interruption(err) else "FAILED")
+        raise
+    tracking.close("FINISHED")
     return report
 
 

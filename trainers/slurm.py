@@ -16,6 +16,8 @@ from typing import Any
 
 import submitit
 
+from dltrain.trainers.sweep import trial_environment
+
 
 class TrialCommand(submitit.helpers.Checkpointable):
     """Run one trial's command in a SLURM task; output to the sweep's log.
@@ -26,10 +28,13 @@ class TrialCommand(submitit.helpers.Checkpointable):
     which continues the trial from that checkpoint (run.resume=auto).
     """
 
-    def __init__(self, command: list[str], env: dict[str, str], log: str):
+    def __init__(
+        self, command: list[str], env: dict[str, str], log: str, alone: bool = False
+    ):
         self.command = command
         self.env = env
         self.log = log
+        self.alone = alone  # a one-task job on this machine: no launcher variables
         self._proc: subprocess.Popen | None = None
 
     def __call__(self) -> int:
@@ -41,7 +46,7 @@ class TrialCommand(submitit.helpers.Checkpointable):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env},
+                env={**(trial_environment() if self.alone else os.environ), **self.env},
             )
             return self._proc.wait()
 
@@ -52,11 +57,16 @@ class TrialCommand(submitit.helpers.Checkpointable):
             self._proc.send_signal(signal.SIGUSR1)
             self._proc.wait()
         return submitit.helpers.DelayedSubmission(
-            TrialCommand(self.command, self.env, self.log)
+            TrialCommand(self.command, self.env, self.log, self.alone)
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"command": self.command, "env": self.env, "log": self.log}
+        return {
+            "command": self.command,
+            "env": self.env,
+            "log": self.log,
+            "alone": self.alone,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -116,7 +126,7 @@ class SubmititLauncher:
             executor.update_parameters(
                 **slurm_parameters(trial, self.sweep.spec["slurm"], name)
             )
-        return executor.submit(TrialCommand(command, env, str(log)))
+        return executor.submit(TrialCommand(command, env, str(log), self.local))
 
     @staticmethod
     def poll(job) -> int | None:

@@ -54,6 +54,18 @@ SHOWN = {
     "language_model": ("val_loss", "perplexity", "accuracy"),
 }
 MONITOR = {"val_acc": "max", "val_loss": "min"}
+# What a trial's report (and its validation log) holds, by task.
+RANKABLE = {
+    "classification": (
+        "val_acc", "val_loss", "accuracy", "top_k_accuracy", "calibration_error",
+        "precision_macro", "precision_weighted", "recall_macro", "recall_weighted",
+        "f1_macro", "f1_weighted", "auroc",
+    ),
+    "language_model": (
+        "val_acc", "val_loss", "cross_entropy", "perplexity", "bits_per_char",
+        "accuracy", "top_k_accuracy", "calibration_error",
+    ),
+}  # fmt: skip
 LOWER_IS_BETTER = ("loss", "perplexity", "error", "cross_entropy", "seconds")
 
 
@@ -166,6 +178,7 @@ def plan(config_file: Path | None, overrides: list[str]) -> tuple[DictConfig, li
             raise ConfigError(f"trial {n} ({label}): {err}") from None
         first = first or cfg
         _check_inputs(cfg, checked)
+        ranking(cfg)
         trials.append(
             Trial(
                 id=f"{n:0{width}d}",
@@ -329,6 +342,11 @@ def ranking(cfg: DictConfig) -> tuple[str, str]:
     """The metric that ranks the trials and whether higher is better."""
     task = "language_model" if cfg.data.name == "text" else "classification"
     metric = cfg.sweep.metric or SHOWN[task][0]
+    if metric not in RANKABLE[task]:
+        raise ConfigError(
+            f"sweep.metric={metric!r} is not a metric of a {task} report; choose "
+            f"one of: {', '.join(RANKABLE[task])}"
+        )
     mode = cfg.sweep.mode.value
     if mode == "auto":
         mode = "min" if any(w in metric for w in LOWER_IS_BETTER) else "max"
@@ -455,7 +473,7 @@ class LocalLauncher:
         self.kind = kind
 
     def start(self, command: list[str], log: Path, slots: list[str], devices: int):
-        env = dict(os.environ)
+        env = trial_environment()
         cores: set[int] = set()
         if self.kind == "gpu":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(slots)
@@ -488,6 +506,42 @@ class LocalLauncher:
     def stop(handle, signum: int) -> None:
         if handle.poll() is None:
             handle.send_signal(signum)
+
+
+# Set by torchrun or srun for the processes of one job: a trial is a job of its
+# own, and with them it would wait for peers that never come.
+LAUNCHER_VARIABLES = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+    "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME",
+    "MASTER_ADDR", "MASTER_PORT",
+)  # fmt: skip
+
+
+def trial_environment() -> dict[str, str]:
+    """This process's environment without a launcher's rank variables."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCHER_VARIABLES and not k.startswith(("SLURM_", "TORCHELASTIC_"))
+    }
+
+
+def check_not_a_rank() -> None:
+    """A sweep runs once; under torchrun or srun every rank would start it.
+
+    A batch script's own shell (SLURM's batch step, task 0) may run it: its
+    trials do not inherit the allocation's task layout (trial_environment).
+    """
+    env = os.environ
+    world = env.get("WORLD_SIZE") if "RANK" in env else None
+    if world is None and env.get("SLURM_PROCID", "0") != "0":
+        world = env.get("SLURM_NTASKS")
+    if world is not None and world != "1":
+        raise ConfigError(
+            f"dltrain sweep was started as one of {world} processes (torchrun or "
+            "srun set RANK or SLURM_PROCID); start it once, as a plain command: each "
+            "trial starts its own processes"
+        )
 
 
 def _stop_with_parent() -> None:
@@ -686,12 +740,6 @@ def results(sweep: Sweep) -> dict[str, Any]:
                 },
             }
         rows.append(row)
-    if task and any(metric in r["metrics"] for r in rows) is False:
-        known = sorted({k for r in rows for k in r["metrics"]})
-        raise ConfigError(
-            f"sweep.metric={metric!r} is not in the trials' reports; choose one of: "
-            f"{', '.join(known)}"
-        )
 
     def key(row):
         value = row["metrics"].get(metric)
@@ -822,6 +870,7 @@ def start(
 ) -> tuple[Sweep, dict[str, Any], int]:
     """Plan, check and run a new sweep. Returns it, its results table, and the
     signal that stopped it (0 if none)."""
+    check_not_a_rank()
     cfg, trials = plan(config_file, overrides)
     launcher = cfg.sweep.launcher.value
     check_launcher(launcher, max_parallel)
@@ -839,6 +888,7 @@ def resume(
 ) -> tuple[Sweep, dict[str, Any], int]:
     """Run the trials of the sweep in ``folder`` that have not finished (and,
     with ``retry_failed``, those that failed)."""
+    check_not_a_rank()
     if not folder.is_dir():
         raise ConfigError(f"--resume {folder}: no such sweep folder")
     sweep = load(folder)
