@@ -224,7 +224,7 @@ class Tracking:
                 _ensure_experiment(uri, experiment)
             self.mlflow = MLFlowLogger(
                 experiment_name=experiment,
-                run_name=self.run_dir.name,
+                run_name=cfg.run.name or self.run_dir.name,
                 tracking_uri=uri,
                 run_id=record.get("run_id"),
             )

@@ -456,14 +456,22 @@ def trial_command(sweep: Sweep, trial: Trial) -> list[str]:
         else [sys.executable, "-c", "from dltrain.cli.app import main; main()"]
     )
     config = sweep.experiment_file
+    named = any(o.lstrip("+").startswith("run.name=") for o in trial.overrides)
     return [
         *prefix,
         "fit",
         *(["--config", str(config)] if config else []),
         *trial.overrides,
-        f"run.dir={sweep.folder / 'trials' / trial.id}",
+        f"run.dir={_quoted(str(sweep.folder / 'trials' / trial.id))}",
         "run.resume=auto",
+        # What a tracker calls the trial's run (MLflow's run name).
+        *([] if named else [f"run.name={_quoted(f'{sweep.folder.name}-{trial.id}')}"]),
     ]
+
+
+def _quoted(text: str) -> str:
+    """A string as one value of Hydra's override grammar (commas, spaces, quotes)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 class LocalLauncher:
