@@ -112,6 +112,44 @@ def test_sigterm_mid_epoch_saves_the_step_and_resume_is_exact(whole, tmp_path, n
     assert_same_weights(whole[name], tmp_path / "cut")
 
 
+def test_a_stop_at_an_epochs_last_step_keeps_its_validation(tmp_path):
+    """One training step per epoch: every step is an epoch's last, so the stop
+    lands there; the epoch's validation must still run before the checkpoint
+    (a resume never validates an epoch again, and could not pick it as best)."""
+    one_step = [
+        "trainer.deterministic=true",
+        "trainer.progress=plain",
+        "data.batch_size=2048",  # the 1,257 training images in one batch
+        "trainer.max_epochs=12",
+        "report.plots=false",
+    ]
+    whole = run_dltrain("fit", *one_step, "run.dir=whole", cwd=tmp_path)
+    assert whole.code == 0, whole
+    proc = _start(tmp_path, dltrain_exe(), "fit", *one_step, "run.dir=cut")
+    _wait_for_new(tmp_path / "cut/checkpoints/last.ckpt", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    stopped_after = _step(tmp_path / "cut")
+    assert 1 <= stopped_after < 12
+
+    def validated_epochs(run: Path) -> list[int]:
+        rows = (run / "logs/metrics.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        epoch, val = header.index("epoch"), header.index("val_acc")
+        return [int(r.split(",")[epoch]) for r in rows[1:] if r.split(",")[val]]
+
+    assert validated_epochs(tmp_path / "cut") == list(range(stopped_after))
+    again = run_dltrain("fit", "--resume", "cut", cwd=tmp_path)
+    assert again.code == 0, again
+    assert validated_epochs(tmp_path / "cut") == list(range(12))
+    assert_same_weights(tmp_path / "whole", tmp_path / "cut")
+    best = json.loads((tmp_path / "cut/report.json").read_text())["checkpoint"]
+    assert best == json.loads((tmp_path / "whole/report.json").read_text())[
+        "checkpoint"
+    ].replace("/whole/", "/cut/")
+
+
 def test_sigusr1_requeue_loop_with_resume_auto(whole, tmp_path):
     """What scripts/slurm.sbatch does: the same command, again and again."""
     command = [dltrain_exe(), "fit", *SAME, "run.dir=job", "run.resume=auto"]

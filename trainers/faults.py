@@ -83,18 +83,30 @@ class StopSignals(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         signum = self._agree(trainer)
+        if not signum:
+            return
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # The epoch's last step: its validation has not run yet. Stopping here
+            # would save an epoch without it, and a resume would never validate it
+            # (nor pick it as best): stop once it has run, at the epoch's end.
+            self.requested = signum
+            return
+        trainer.save_checkpoint(self.last)  # every rank: sharded states gather
+        raise Stopped(signum)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        # After the epoch's validation (and its checkpoints): a signal that came
+        # at its last step or during validation stops here, on every rank.
+        signum = self._agree(trainer)
         if signum:
-            trainer.save_checkpoint(self.last)  # every rank: sharded states gather
+            trainer.save_checkpoint(self.last)
             raise Stopped(signum)
 
-    def _between_batches(self, trainer: pl.Trainer, *args: Any) -> None:
-        # Validation and test have no per-step agreement: with one process stop
-        # now; with several, the next training step stops them all together.
+    def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        # The test has nothing to save (a resume tests again): one process stops
+        # now; several stop together at the fit's end or the next training step.
         if self.requested and trainer.world_size == 1:
             raise Stopped(self.requested)
-
-    on_validation_batch_end = _between_batches
-    on_test_batch_end = _between_batches
 
 
 class StepCheckpoint(Callback):
