@@ -178,6 +178,12 @@ def fit(
             help="Sweep: one run per combination (as dltrain sweep).",
         ),
     ] = False,
+    max_parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--max-parallel", help="With -m: at most this many trials at once."
+        ),
+    ] = None,
 ) -> None:
     """Train a model, test its best checkpoint, and print the report.
 
@@ -193,7 +199,9 @@ def fit(
                 "--multirun starts a sweep; to continue one, use "
                 "dltrain sweep --resume SWEEP_DIR"
             )
-        return sweep(config, overrides, as_json=as_json)
+        return sweep(config, overrides, max_parallel=max_parallel, as_json=as_json)
+    if max_parallel is not None:
+        raise ConfigError("--max-parallel goes with -m (a sweep); drop it for one run")
     if resume is not None:
         cfg, applied = _resume_config(resume, config, overrides or [])
         _quiet_libraries()
@@ -368,7 +376,14 @@ def report_command(
     """
     from dltrain.trainers.errors import ConfigError
 
-    if len(runs) == 1 and (runs[0] / "sweep.json").is_file():
+    sweep_dirs = [path for path in runs if (path / "sweep.json").is_file()]
+    if sweep_dirs and len(runs) > 1:
+        raise ConfigError(
+            f"{sweep_dirs[0]} is a sweep: a sweep's table is shown alone "
+            f"(dltrain report {sweep_dirs[0]}); to compare its trials with other "
+            f"runs, give their folders ({sweep_dirs[0]}/trials/NNN)"
+        )
+    if sweep_dirs:
         from dltrain.trainers import sweep as sweeps
 
         found = sweeps.load(runs[0])

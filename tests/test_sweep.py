@@ -292,6 +292,34 @@ def test_submitit_runs_the_trials_and_records_a_failure(dltrain):
     assert list((folder / "submitit").glob("*_log.out"))
 
 
+def test_a_stopped_submitit_sweep_stops_its_trials_and_resumes(dltrain):
+    folder = dltrain.cwd / "s"
+    proc = start_until(
+        dltrain.cwd,
+        folder / "trials" / "000" / "checkpoints" / "last.ckpt",
+        "sweep",
+        "optim.lr=0.01,0.005",
+        "trainer.max_epochs=300",  # stopped long before
+        "report.plots=false",
+        "sweep.launcher=submitit_local",
+        "sweep.dir=s",
+        "--max-parallel",
+        "1",
+    )
+    os.kill(proc.pid, signal.SIGTERM)  # the sweep alone, as a scheduler would
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert processes_mentioning(str(folder)) == []
+    status = {row["trial"]: row["status"] for row in results(folder)["trials"]}
+    assert status == {"000": "interrupted", "001": "queued"}
+    manifest = json.loads((folder / "trials" / "000" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+
+    r = dltrain("sweep", "--resume", "s", "trainer.max_epochs=2")
+    assert r.code == 2, r  # a resume runs the saved grid
+    assert status == {row["trial"]: row["status"] for row in results(folder)["trials"]}
+
+
 @pytest.mark.parametrize(
     "args, says",
     [

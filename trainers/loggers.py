@@ -95,7 +95,9 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def _check_writable(path: Path, where: str) -> None:
-    """``path`` is a writable folder, or can be made one."""
+    """``path`` is a writable folder: made now if it is not there (a fit would
+    make it anyway), so that a place no one can write (``/proc``, a read-only
+    mount) is refused here rather than halfway through the run."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -104,7 +106,14 @@ def _check_writable(path: Path, where: str) -> None:
     elif not os.access(existing, os.W_OK | os.X_OK):
         reason = f"{existing} is not writable"
     else:
-        return
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".dltrain-write-check-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            return
+        except OSError as err:
+            reason = f"{err.filename or path}: {err.strerror}"
     raise ConfigError(f"{where} cannot be used ({reason}); {URI_FIX}")
 
 

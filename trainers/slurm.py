@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from dltrain.trainers.sweep import trial_environment
+from dltrain.trainers.sweep import STOP_SIGNALS, trial_environment
 
 
 class TrialCommand(submitit.helpers.Checkpointable):
@@ -48,7 +49,17 @@ class TrialCommand(submitit.helpers.Checkpointable):
                 stdin=subprocess.DEVNULL,
                 env={**(trial_environment() if self.alone else os.environ), **self.env},
             )
+            # A stop from the sweep (its signal, or scancel --signal) reaches the
+            # trial, which saves its last.ckpt and ends with 128 + signal.
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self._forward)
+            if rank == 0:
+                Path(pid_file(self.log)).write_text(str(os.getpid()))
             return self._proc.wait()
+
+    def _forward(self, signum: int, _frame: Any) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signum)
 
     def checkpoint(
         self, *args: Any, **kwargs: Any
@@ -70,6 +81,11 @@ class TrialCommand(submitit.helpers.Checkpointable):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
+
+
+def pid_file(log: str | Path) -> str:
+    """Where a job's task 0 writes its pid, beside the trial's log."""
+    return str(log)[: -len(".log")] + ".pid"
 
 
 def slurm_parameters(trial, slurm: dict[str, Any], name: str) -> dict[str, Any]:
@@ -126,12 +142,18 @@ class SubmititLauncher:
             executor.update_parameters(
                 **slurm_parameters(trial, self.sweep.spec["slurm"], name)
             )
-        return executor.submit(TrialCommand(command, env, str(log), self.local))
+        Path(pid_file(log)).unlink(missing_ok=True)
+        job = executor.submit(TrialCommand(command, env, str(log), self.local))
+        job.pid_file = Path(pid_file(log))
+        return job
 
-    @staticmethod
-    def poll(job) -> int | None:
+    def poll(self, job) -> int | None:
         if not job.done():
             return None
+        if self.local and not job.paths.result_pickle.exists():
+            # Its controller ended without a result (a signal reached it too).
+            code = job._process.returncode if job._process is not None else None
+            return 128 - code if code is not None and code < 0 else (code or 1)
         try:
             codes = job.results()
         except Exception:  # the job died before reporting (cancelled, node failure)
@@ -140,7 +162,25 @@ class SubmititLauncher:
         bad = [c for c in codes if c]
         return bad[0] if bad else 0
 
-    @staticmethod
-    def stop(job, signum: int) -> None:
-        if not job.done():
+    def stop(self, job, signum: int) -> None:
+        """Pass the sweep's stop signal on to the trial's own process."""
+        if job.done():
+            return
+        if self.local:
+            for _ in range(50):  # a job that has just started writes it at once
+                try:
+                    os.kill(int(job.pid_file.read_text()), signum)
+                    return
+                except (OSError, ValueError):
+                    time.sleep(0.1)
+            job.cancel(check=False)  # it never started its trial: nothing to save
+            return
+        if str(job.state).upper() == "PENDING":
             job.cancel(check=False)
+            return
+        name = signal.Signals(signum).name.removeprefix("SIG")
+        subprocess.run(
+            ["scancel", f"--signal={name}", str(job.job_id)],
+            check=False,
+            capture_output=True,
+        )

@@ -43,6 +43,7 @@ RESULTS_MD = "results.md"
 EXPERIMENT_COPY = "experiment.yaml"
 # Keys the sweep itself sets for every trial, or that describe the sweep.
 RESERVED = ("run.dir", "run.resume", "sweep.")
+MAX_TRIALS = 10_000
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 # dltrain's exit codes after SIGINT, SIGTERM, SIGUSR1: the trial can resume.
 INTERRUPTED_CODES = {128 + int(s) for s in STOP_SIGNALS}
@@ -112,6 +113,11 @@ def expand(config_file: Path | None, overrides: list[str]) -> tuple[list[str], l
     parser = OverridesParser.create()
     parsed = []
     for text in overrides:
+        if text.startswith("-"):
+            raise ConfigError(
+                f"unknown option {text!r}; options go before the overrides, see "
+                "dltrain sweep --help"
+            )
         try:
             parsed.extend(parser.parse_overrides([text]))
         except HydraException as err:
@@ -159,7 +165,9 @@ def expand(config_file: Path | None, overrides: list[str]) -> tuple[list[str], l
     return keys, trials
 
 
-def plan(config_file: Path | None, overrides: list[str]) -> tuple[DictConfig, list]:
+def plan(
+    config_file: Path | None, overrides: list[str], say=None
+) -> tuple[DictConfig, list]:
     """Compose and validate every trial's config before anything starts.
 
     Returns the first trial's config (its ``sweep`` settings rule the sweep)
@@ -168,14 +176,23 @@ def plan(config_file: Path | None, overrides: list[str]) -> tuple[DictConfig, li
     from dltrain.cli.compose import compose
 
     keys, expanded = expand(config_file, overrides)
+    if len(expanded) > MAX_TRIALS:
+        raise ConfigError(
+            f"the grid has {len(expanded):,} trials, more than the {MAX_TRIALS:,} a "
+            "sweep runs; give fewer values (e.g. a coarser range(start,stop,step))"
+        )
+    if say is not None and len(expanded) >= 50:
+        say(f"sweep: checking the {len(expanded):,} trials' configs")
     trials, first, checked = [], None, set()
     width = max(3, len(str(len(expanded) - 1)))
     for n, (_, trial_overrides, params) in enumerate(expanded):
         try:
             cfg, _ = compose(config_file, trial_overrides)
         except ConfigError as err:
+            if str(err).lstrip("'\"").startswith("sweep.") or " sweep." in str(err):
+                raise  # a setting of the whole sweep, not of this trial
             label = " ".join(f"{k}={v}" for k, v in params.items())
-            raise ConfigError(f"trial {n} ({label}): {err}") from None
+            raise ConfigError(f"trial {n:0{width}d} ({label}): {err}") from None
         first = first or cfg
         _check_inputs(cfg, checked)
         ranking(cfg)
@@ -245,6 +262,7 @@ def create(
         "config_file": str(config_file) if config_file else None,
         "experiment_file": EXPERIMENT_COPY if config_text is not None else None,
         "overrides": list(overrides),
+        "cwd": os.getcwd(),  # relative paths in the config are read from here
         "keys": list(trials[0].params),
         "metric": metric,
         "mode": mode,
@@ -270,6 +288,11 @@ def create(
 
 def _check_free(folder: Path, mark: str) -> None:
     spec_file = folder / SWEEP_FILE
+    if spec_file.is_file() and in_use(folder):
+        raise ConfigError(
+            f"sweep.dir={folder} is in use by a running sweep; wait for it to end, "
+            "or choose another sweep.dir"
+        )
     if spec_file.is_file():
         other = read_spec(folder)
         if other.get("fingerprint") == mark:
@@ -324,18 +347,44 @@ def read_spec(folder: Path) -> dict[str, Any]:
 
 def load(folder: Path) -> Sweep:
     spec = read_spec(folder)
-    trials = [
-        Trial(
-            id=t["id"],
-            overrides=t["overrides"],
-            params=t["params"],
-            devices=t.get("devices", 1),
-            num_nodes=t.get("num_nodes", 1),
-            accelerator=t.get("accelerator", "auto"),
-        )
-        for t in spec["trials"]
-    ]
+    try:
+        trials = [
+            Trial(
+                id=str(t["id"]),
+                overrides=list(t["overrides"]),
+                params=dict(t["params"]),
+                devices=int(t.get("devices", 1)),
+                num_nodes=int(t.get("num_nodes", 1)),
+                accelerator=str(t.get("accelerator", "auto")),
+            )
+            for t in spec["trials"]
+        ]
+        for key in ("metric", "mode", "keys"):
+            spec[key]  # noqa: B018 (present, or the file is not a sweep's)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(
+            f"{folder / SWEEP_FILE}: not a complete dltrain sweep file (missing or "
+            f"bad {err}); the sweep is damaged: start it again in a new sweep.dir"
+        ) from None
     return Sweep(folder.resolve(), spec, trials)
+
+
+def in_use(folder: Path) -> bool:
+    """Whether a running sweep holds ``folder`` (see rundir.lock_folder)."""
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def ranking(cfg: DictConfig) -> tuple[str, str]:
@@ -385,12 +434,13 @@ def states(folder: Path) -> dict[str, dict[str, Any]]:
                 attempts=state["attempts"] + 1,
                 slots=event.get("slots"),
             )
-        else:
+        elif state.get("started") is not None:
             state.update(
                 status=event["event"],
                 ended=event["time"],
                 exit_code=event.get("exit_code"),
                 error=event.get("error"),
+                seconds=state.get("seconds", 0.0) + event["time"] - state["started"],
             )
     return result
 
@@ -629,7 +679,8 @@ def run(sweep: Sweep, todo: list[Trial], kind: str, slots: list[str], say) -> in
                     continue
                 del running[trial_id]
                 free += taken
-                _finish(sweep, trial, code, time.monotonic() - began, counts, say)
+                seconds = time.monotonic() - began
+                _finish(sweep, trial, code, seconds, counts, say, bool(stopping))
             if stopping and queue:
                 queue.clear()
             state = (
@@ -667,7 +718,9 @@ def _job_id(handle) -> str | None:
     return str(getattr(handle, "job_id", None) or getattr(handle, "pid", "")) or None
 
 
-def _finish(sweep: Sweep, trial: Trial, code: int, seconds: float, counts, say) -> None:
+def _finish(
+    sweep: Sweep, trial: Trial, code: int, seconds: float, counts, say, stopped: bool
+) -> None:
     report = sweep.folder / "trials" / trial.id / rundir.REPORT
     if code == 0 and report.is_file():
         record(sweep.folder, trial=trial.id, event="finished", exit_code=0)
@@ -681,7 +734,9 @@ def _finish(sweep: Sweep, trial: Trial, code: int, seconds: float, counts, say) 
         say(f"sweep: trial {trial.id} finished in {seconds:.1f} s{score}")
         return
     code = 128 - code if code < 0 else code  # killed by a signal: as a shell says it
-    if code in INTERRUPTED_CODES:
+    # A trial we told to stop may die of it in another way (a signal landing
+    # while it imports its libraries): it did not fail, it can run again.
+    if code in INTERRUPTED_CODES or (stopped and code != 0):
         record(sweep.folder, trial=trial.id, event="interrupted", exit_code=code)
         counts["interrupted"] += 1
         say(f"sweep: trial {trial.id} interrupted (exit {code}); it can resume")
@@ -716,12 +771,14 @@ def results(sweep: Sweep) -> dict[str, Any]:
     """Every trial with its parameters, metrics, time and status, ranked."""
     metric, mode = sweep.spec["metric"], sweep.spec["mode"]
     journal = states(sweep.folder)
+    live = in_use(sweep.folder)
     rows, task = [], None
     for trial in sweep.trials:
         state = journal.get(trial.id, {})
         status = state.get("status", "queued")
         if status == "started":
-            status = "stopped"  # the sweep died while it ran: it reruns on resume
+            # Running now, or the sweep died while it ran (it reruns on resume).
+            status = "running" if live else "stopped"
         row: dict[str, Any] = {
             "trial": trial.id,
             "params": trial.params,
@@ -733,8 +790,8 @@ def results(sweep: Sweep) -> dict[str, Any]:
             "metrics": {},
             "run_dir": str(sweep.folder / "trials" / trial.id),
         }
-        if state.get("started") and state.get("ended"):
-            row["seconds"] = round(state["ended"] - state["started"], 1)
+        if state.get("seconds") is not None:
+            row["seconds"] = round(state["seconds"], 1)  # every attempt's time
         report_file = sweep.folder / "trials" / trial.id / rundir.REPORT
         if status == "finished" and report_file.is_file():
             report = json.loads(report_file.read_text())
@@ -793,7 +850,7 @@ def _validation(run_dir: Path) -> dict[str, float]:
     return {}
 
 
-_STATUSES = ("finished", "failed", "interrupted", "stopped", "queued")
+_STATUSES = ("finished", "failed", "interrupted", "running", "stopped", "queued")
 
 
 def write_results(sweep: Sweep, table: dict[str, Any]) -> None:
@@ -879,7 +936,7 @@ def start(
     """Plan, check and run a new sweep. Returns it, its results table, and the
     signal that stopped it (0 if none)."""
     check_not_a_rank()
-    cfg, trials = plan(config_file, overrides)
+    cfg, trials = plan(config_file, overrides, say)
     launcher = cfg.sweep.launcher.value
     check_launcher(launcher, max_parallel)
     kind, slots = device_slots(_accelerator(trials))
@@ -902,6 +959,7 @@ def resume(
     sweep = load(folder)
     check_launcher(sweep.spec.get("launcher", "local"), max_parallel)
     _lock(sweep.folder)
+    _enter_started_folder(sweep)
     if max_parallel is not None:
         sweep.spec["max_parallel"] = max_parallel
         rundir.write_json(sweep.folder / SWEEP_FILE, sweep.spec)
@@ -927,9 +985,40 @@ def resume(
         return sweep, table, 0
     kind, slots = device_slots(_accelerator(sweep.trials))
     check_fits(todo, kind, slots, sweep.spec.get("launcher", "local"))
+    _recheck(sweep, todo)
     skipped = len(sweep.trials) - len(todo)
     say(f"sweep: resuming {sweep.folder}: {len(todo)} to run, {skipped} kept")
     return _run_all(sweep, todo, kind, slots, say)
+
+
+def _enter_started_folder(sweep: Sweep) -> None:
+    """Run from the folder the sweep started in: relative paths in its config
+    (data.path, data.root, run.root) mean what they meant then."""
+    cwd = sweep.spec.get("cwd")
+    if not cwd:
+        return
+    try:
+        os.chdir(cwd)
+    except OSError as err:
+        raise ConfigError(
+            f"{sweep.folder} was started in {cwd}, which cannot be entered now "
+            f"({err.strerror}); its relative paths would point elsewhere: restore "
+            "that folder, or start a new sweep"
+        ) from None
+
+
+def _recheck(sweep: Sweep, todo: list[Trial]) -> None:
+    """Compose the trials to run again and read their data: files that went
+    missing since the sweep started are refused before any trial starts."""
+    from dltrain.cli.compose import compose
+
+    checked: set[str] = set()
+    for trial in todo:
+        try:
+            cfg, _ = compose(sweep.experiment_file, trial.overrides)
+            _check_inputs(cfg, checked)
+        except ConfigError as err:
+            raise ConfigError(f"trial {trial.id} ({trial.label}): {err}") from None
 
 
 def check_launcher(launcher: str, max_parallel: int | None) -> None:

@@ -74,8 +74,9 @@ def check(cfg: DictConfig, options: TuneOptions) -> None:
             "trainer.num_nodes=1 (data.batch_size is per process, so the suggestion "
             "holds for each process of a multi-process run)"
         )
-    from dltrain.trainers.launch import launcher_env
+    from dltrain.trainers.launch import check_data, launcher_env
 
+    check_data(cfg)  # a missing data file is refused before the run folder is made
     launched = launcher_env()
     if launched is not None and launched["world_size"] > 1:
         raise ConfigError(
