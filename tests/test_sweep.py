@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import processes_mentioning, start_until
+from conftest import processes_mentioning, run_dltrain, start_until
 
 pytestmark = pytest.mark.slow
 
@@ -164,6 +164,13 @@ def test_an_interrupted_sweep_resumes_only_the_missing_trials(dltrain):
         "--max-parallel",
         "1",
     )
+    live = dltrain("report", "s", "--json")  # while the sweep runs
+    assert {row["trial"]: row["status"] for row in live.json()["trials"]} == {
+        "000": "finished",
+        "001": "running",
+        "002": "queued",
+        "003": "queued",
+    }
     os.kill(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -177,9 +184,11 @@ def test_an_interrupted_sweep_resumes_only_the_missing_trials(dltrain):
         "003": "queued",
     }
 
-    r = dltrain("sweep", "--resume", "s", env=ENV)
+    # From another folder: the sweep runs from the one it started in.
+    r = run_dltrain("sweep", "--resume", str(folder), cwd=folder / "logs", env=ENV)
     assert r.code == 0, r
     assert "3 to run, 1 kept" in r.err
+    assert not (folder / "logs" / "runs").exists()
     starts = [e["trial"] for e in journal(folder) if e["event"] == "started"]
     assert starts == ["000", "001", "001", "002", "003"]
     manifest = json.loads((folder / "trials" / "001" / "manifest.json").read_text())
@@ -333,6 +342,8 @@ def test_a_stopped_submitit_sweep_stops_its_trials_and_resumes(dltrain):
         (["--resume", "nowhere"], "no such sweep folder"),
         (["data=mnist", "data.root=nowhere", "optim.lr=0.1,0.2"], "data.root="),
         (["optim.lr=0.1,0.2", "sweep.metric=acc"], "sweep.metric='acc'"),
+        (["seed=range(0,20000)"], "more than the 10,000"),
+        (["--bogus", "optim.lr=0.1,0.2"], "unknown option '--bogus'"),
         (["optim.lr=0.1,0.2", "trainer.num_nodes=2", "strategy=ddp"], "num_nodes=2"),
     ],
 )
