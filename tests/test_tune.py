@@ -54,6 +54,13 @@ def test_tune_digits_suggests_a_batch_size_and_a_learning_rate(dltrain):
     assert math.isfinite(lr["suggested"])
     assert lr["min_lr"] <= lr["suggested"] <= lr["max_lr"]
     assert len(lr["curve"]) == lr["steps_run"] > 10
+    # The curve starts at an untrained model's loss, ln(10) for ten digits (not
+    # at half of it, as Lightning's late bias correction draws it), and the
+    # suggestion lies where the loss falls, not on the flat start.
+    assert abs(lr["curve"][0]["loss"] - math.log(10)) < 0.1
+    suggested_at = next(p for p in lr["curve"] if p["lr"] == lr["suggested"])
+    assert suggested_at["loss"] < lr["curve"][10]["loss"] - 0.02
+    assert lr["suggested"] > 1e-4
 
     out = result.out
     assert "batch size: 16 " in out

@@ -333,8 +333,10 @@ def _find_lr(new_tuner, module, datamodule, recorder, options, run_dir):
     from dltrain.trainers.module import LossDiverged
 
     recorder.clear()
+    tuner = new_tuner()
+    raw = _RawLosses(module)
     try:
-        finder = new_tuner().lr_find(
+        finder = tuner.lr_find(
             module,
             datamodule=datamodule,
             min_lr=options.min_lr,
@@ -351,7 +353,10 @@ def _find_lr(new_tuner, module, datamodule, recorder, options, run_dir):
             f"the learning-rate search; search below it, e.g. --max-lr {at / 10:.2g} "
             f"(now --min-lr {options.min_lr:g} --max-lr {options.max_lr:g})"
         ) from None
-    suggested = finder.suggestion()
+    finally:
+        raw.remove()
+    raw.correct(finder)
+    suggested = _steepest(finder)
     lrs, losses = finder.results["lr"], finder.results["loss"]
     _plot(finder, run_dir / PLOT)
     return {
@@ -367,6 +372,65 @@ def _find_lr(new_tuner, module, datamodule, recorder, options, run_dir):
         ],
         "plot": PLOT,
     }
+
+
+class _RawLosses:
+    """Each LR-search step's own loss, to smooth the curve again.
+
+    Lightning 2.6's finder smooths with ``beta`` but corrects the bias with the
+    step count after the step (``global_step`` is already one ahead), so its
+    first points are about half the true loss: the curve begins with a false
+    climb, which can draw the steepest-descent suggestion onto a plateau.
+    The finder runs with its own callbacks only, so the losses are taken from
+    the module's training step.
+    """
+
+    def __init__(self, module, beta: float = 0.98):
+        self.module = module
+        self.beta = beta
+        self.losses: list[float] = []
+        step = module.training_step
+
+        def training_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            loss = out.get("loss") if isinstance(out, dict) else out
+            if loss is not None:
+                self.losses.append(float(loss))
+            return out
+
+        module.training_step = training_step
+
+    def remove(self) -> None:
+        del self.module.training_step  # the class's own again
+
+    def correct(self, finder) -> None:
+        """Replace the finder's curve with one smoothed from step 1."""
+        if len(self.losses) != len(finder.results["loss"]):
+            return  # not one loss per point: leave Lightning's curve as it is
+        average, smoothed = 0.0, []
+        for step, loss in enumerate(self.losses, start=1):
+            average = self.beta * average + (1 - self.beta) * loss
+            smoothed.append(average / (1 - self.beta**step))
+        finder.results["loss"] = smoothed
+
+
+def _steepest(finder, skip_begin: int = 10, skip_end: int = 1) -> float | None:
+    """The learning rate where the smoothed loss falls fastest per decade of
+    learning rate (Leslie Smith's range test). Lightning 2.6's own suggestion
+    takes the slope per unit of learning rate, which the noise among the tiny
+    first rates outweighs; the same points are skipped at both ends."""
+    import numpy as np
+
+    losses = np.asarray(finder.results["loss"], dtype=float)
+    lrs = np.asarray(finder.results["lr"], dtype=float)
+    kept = np.arange(len(losses))[skip_begin : len(losses) - skip_end]
+    kept = kept[np.isfinite(losses[kept])]
+    if len(kept) < 2:
+        finder._optimal_idx = None
+        return None
+    slopes = np.gradient(losses[kept], np.log10(lrs[kept]))
+    finder._optimal_idx = int(kept[int(np.argmin(slopes))])  # what plot() marks
+    return float(lrs[finder._optimal_idx])
 
 
 def _finite(value: float) -> float | None:
@@ -400,7 +464,8 @@ def _commands(
         parts.append(f"optim.lr={_short(center)}")
     around = center if center is not None else cfg.optim.lr
     keep = [a for a in argv if not a.lstrip("+~").startswith(REPLACED)]
-    grid = ",".join(_short(around * f) for f in (1 / 3, 1, 3))
+    # Steepest descent sits close to where the loss blows up: sweep below it.
+    grid = ",".join(_short(around * f) for f in (1 / 10, 1 / 3, 1))
     sweep = ["dltrain", "sweep", *keep, f"optim.lr={grid}"]
     sweep.append(f"data.batch_size={batch_size}")
     return {"overrides": " ".join(parts), "sweep": " ".join(sweep)}
