@@ -444,8 +444,18 @@ def _plot(finder, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure = finder.plot(suggest=True)
-    figure.axes[0].set_title("Learning-rate range test (red: the suggestion)")
+    figure = finder.plot(suggest=False)  # Lightning's own mark is its suggestion
+    axes = figure.axes[0]
+    if finder._optimal_idx is not None:  # ours (see _steepest)
+        at = finder._optimal_idx
+        axes.plot(
+            finder.results["lr"][at],
+            finder.results["loss"][at],
+            "o",
+            color="red",
+            ms=10,
+        )
+    axes.set_title("Learning-rate range test (red: the suggestion)")
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
 
