@@ -158,7 +158,7 @@ def test_an_interrupted_sweep_resumes_only_the_missing_trials(dltrain):
         "sweep",
         "optim.lr=0.01,0.005",
         "model.hidden=32,64",
-        "trainer.max_epochs=4",
+        "trainer.max_epochs=12",  # the stop lands well before the trial's end
         "report.plots=false",
         "sweep.dir=s",
         "--max-parallel",
@@ -207,7 +207,7 @@ def test_a_killed_sweep_stops_its_trials_and_resumes(dltrain):
         folder / "trials" / "000" / "checkpoints" / "last.ckpt",
         "sweep",
         "optim.lr=0.01,0.005",
-        "trainer.max_epochs=4",
+        "trainer.max_epochs=12",
         "report.plots=false",
         "sweep.dir=s",
         "--max-parallel",

@@ -722,7 +722,8 @@ def _finish(
     sweep: Sweep, trial: Trial, code: int, seconds: float, counts, say, stopped: bool
 ) -> None:
     report = sweep.folder / "trials" / trial.id / rundir.REPORT
-    if code == 0 and report.is_file():
+    if report.is_file() and (code == 0 or _run_finished(report.parent)):
+        # (A stop that reached a trial after its run had finished changes nothing.)
         record(sweep.folder, trial=trial.id, event="finished", exit_code=0)
         counts["done"] += 1
         metric = sweep.spec["metric"]
@@ -749,6 +750,13 @@ def _finish(
     )
     counts["failed"] += 1
     say(f"sweep: trial {trial.id} failed (exit {code}): {error}")
+
+
+def _run_finished(run_dir: Path) -> bool:
+    try:
+        return rundir.read_manifest(run_dir).get("status") == "finished"
+    except ConfigError:
+        return False
 
 
 def _last_error(log: Path) -> str:
