@@ -28,14 +28,7 @@ def compose(
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    for override in overrides:
-        if override.startswith("="):
-            raise ConfigError(f"override {override!r} has no key; write key=value")
-        if override.startswith("-"):
-            raise ConfigError(
-                f"unknown option {override!r}; options go before the overrides, "
-                "see --help"
-            )
+    check_override_words(overrides)
     file_overrides = experiment_overrides(config_file) if config_file else []
     all_overrides = file_overrides + list(overrides)
     try:
@@ -45,6 +38,18 @@ def compose(
     except (HydraException, OmegaConfBaseException, ValueError, TypeError) as err:
         raise ConfigError(_hydra_message(err, config_file, file_overrides)) from None
     return validate(cfg), all_overrides
+
+
+def check_override_words(overrides: list[str]) -> None:
+    """Refuse a word that cannot be an override: no key, or an option."""
+    for override in overrides:
+        if override.startswith("="):
+            raise ConfigError(f"override {override!r} has no key; write key=value")
+        if override.startswith("-"):
+            raise ConfigError(
+                f"unknown option {override!r}; options go before the overrides, "
+                "see --help"
+            )
 
 
 def experiment_overrides(path: Path) -> list[str]:

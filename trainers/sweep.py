@@ -99,8 +99,8 @@ class Sweep:
 # --- the grid -----------------------------------------------------------------
 
 
-def expand(config_file: Path | None, overrides: list[str]) -> tuple[list[str], list]:
-    """The swept keys and every trial's overrides, from Hydra's sweep syntax.
+def expand(overrides: list[str]) -> list[tuple[list[str], dict[str, str]]]:
+    """Every trial's overrides and its swept values, from Hydra's sweep syntax.
 
     Raises:
         ConfigError: an override that does not parse, a grid with no sweep in
@@ -110,14 +110,12 @@ def expand(config_file: Path | None, overrides: list[str]) -> tuple[list[str], l
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from dltrain.cli.compose import check_override_words
+
+    check_override_words(overrides)
     parser = OverridesParser.create()
     parsed = []
     for text in overrides:
-        if text.startswith("-"):
-            raise ConfigError(
-                f"unknown option {text!r}; options go before the overrides, see "
-                "dltrain sweep --help"
-            )
         try:
             parsed.extend(parser.parse_overrides([text]))
         except HydraException as err:
@@ -147,22 +145,14 @@ def expand(config_file: Path | None, overrides: list[str]) -> tuple[list[str], l
                 f"{override.input_line!r} expands to no values; give at least one, "
                 f"e.g. {override.get_key_element()}=a,b"
             )
-    file_overrides = []
-    if config_file is not None:
-        from dltrain.cli.compose import experiment_overrides
-
-        file_overrides = experiment_overrides(config_file)
     (batches,) = BasicSweeper.split_arguments(parsed, None)
     keys = [o.get_key_element() for o in swept]
     trials = []
     for trial_overrides in batches:
-        params = {}
-        for text in trial_overrides:
-            key, _, value = text.partition("=")
-            if key in keys:
-                params[key] = value
-        trials.append((file_overrides, trial_overrides, params))
-    return keys, trials
+        pairs = (text.partition("=") for text in trial_overrides)
+        params = {key: value for key, _, value in pairs if key in keys}
+        trials.append((trial_overrides, params))
+    return trials
 
 
 def plan(
@@ -175,7 +165,7 @@ def plan(
     """
     from dltrain.cli.compose import compose
 
-    keys, expanded = expand(config_file, overrides)
+    expanded = expand(overrides)
     if len(expanded) > MAX_TRIALS:
         raise ConfigError(
             f"the grid has {len(expanded):,} trials, more than the {MAX_TRIALS:,} a "
@@ -185,12 +175,13 @@ def plan(
         say(f"sweep: checking the {len(expanded):,} trials' configs")
     trials, first, checked = [], None, set()
     width = max(3, len(str(len(expanded) - 1)))
-    for n, (_, trial_overrides, params) in enumerate(expanded):
+    for n, (trial_overrides, params) in enumerate(expanded):
         try:
             cfg, _ = compose(config_file, trial_overrides)
         except ConfigError as err:
-            if str(err).lstrip("'\"").startswith("sweep.") or " sweep." in str(err):
-                raise  # a setting of the whole sweep, not of this trial
+            text = str(err).lstrip("'\"")
+            if text.startswith(("sweep.", "--config")) or " sweep." in text:
+                raise  # the whole sweep's setting or file, not this trial's
             label = " ".join(f"{k}={v}" for k, v in params.items())
             raise ConfigError(f"trial {n:0{width}d} ({label}): {err}") from None
         first = first or cfg
@@ -888,9 +879,7 @@ def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 row["trial"],
                 *[row["params"].get(k, "") for k in table["keys"]],
                 *[_cell(row["metrics"].get(m)) for m in table["columns"]],
-                _cell(row["seconds"])
-                if row["seconds"] is None
-                else f"{row['seconds']:.1f}",
+                "-" if row["seconds"] is None else f"{row['seconds']:.1f}",
                 status,
             ]
         )
